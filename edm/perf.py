@@ -1,0 +1,64 @@
+"""Efficiency metrics every run reports: parameters, sparsity, FLOPs per step, latency, memory."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def param_stats(module: nn.Module) -> dict[str, float]:
+    """Total parameters, non-zero parameters and zero fraction of Linear/Conv weights."""
+    total = sum(p.numel() for p in module.parameters())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in module.parameters())
+    w_total = w_zero = 0
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            w_total += m.weight.numel()
+            w_zero += m.weight.numel() - int(torch.count_nonzero(m.weight))
+    return {
+        "params_m": total / 1e6,
+        "nonzero_params_m": nonzero / 1e6,
+        "weight_sparsity": (w_zero / w_total) if w_total else 0.0,
+    }
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """CUDA: max allocated on the device. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"peak_rss_gb": rss * scale / 2**30}
+
+
+def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
+    """Average denoiser FLOPs per denoising step for one image (CFG batch included), measured by
+    running the pipeline once under ``torch.utils.flop_counter`` (step-dependent methods such as
+    DSAP are averaged over the real trajectory)."""
+    from edm.eval import flops as F  # written alongside the model zoo
+
+    kwargs = dict(
+        prompt=[item.prompt],
+        num_inference_steps=int(gen["num_inference_steps"]),
+        guidance_scale=float(gen["guidance_scale"]),
+        height=int(gen["height"]),
+        width=int(gen["width"]),
+        generator=[torch.Generator("cpu").manual_seed(int(item.seed))],
+        output_type="pt",
+    )
+    per_call = F.measure_denoiser_flops(pipe, **kwargs)
+    if not per_call:
+        return {}
+    avg = sum(per_call) / len(per_call)
+    return {"gflops_per_step": avg / 1e9, "denoiser_calls": float(len(per_call))}

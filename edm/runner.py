@@ -1,0 +1,212 @@
+"""``run(cfg)``: seed -> checks -> load pipeline -> apply method -> generate -> evaluate -> log.
+
+Everything that can fail because of a config value or a missing file is checked before the
+pipeline is loaded, so a bad sweep point fails in seconds. The function returns the primary
+metric as a plain float (picklable for submitit, usable by sweepers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from edm import perf
+from edm.data.prompts import assign_seeds, shard
+from edm.errors import MissingWeightsError
+from edm.eval.base import ImageSet, image_path
+from edm.generate import generate, time_batches
+from edm.io import write_json, write_text
+from edm.methods.base import ApplyContext, Method
+from edm.validate import resolve_device, resolve_dtype, validate
+
+log = logging.getLogger(__name__)
+
+
+def setup_backends(cfg: DictConfig) -> None:
+    """Global torch settings live here and nowhere else (no import-time side effects)."""
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+
+
+def build_method(cfg: DictConfig) -> Method:
+    try:  # composition of a weight method with a token method (``+then=...``)
+        from edm.methods.compose import build_method as build
+    except ImportError:
+        return instantiate(cfg.method)
+    return build(cfg)
+
+
+def build_evaluators(cfg: DictConfig) -> tuple[dict, list[str]]:
+    """Instantiate every ``_target_`` node of ``cfg.eval`` and run their pre-flight checks."""
+    evaluators = {
+        k: instantiate(v) for k, v in cfg.eval.items()
+        if isinstance(v, DictConfig) and v.get("_target_")
+    }
+    skipped = []
+    for name, ev in list(evaluators.items()):
+        try:
+            ev.check()
+        except MissingWeightsError as e:
+            if not cfg.eval.get("skip_unavailable", False):
+                raise
+            log.warning("Skipping evaluator %s <eval.skip_unavailable=true>: %s", name, e)
+            skipped.append(name)
+            del evaluators[name]
+    return evaluators, skipped
+
+
+def _inputs_hash(cfg: DictConfig, images: ImageSet) -> str:
+    """Identifies evaluation inputs: the eval config and every image's name, size and mtime."""
+    h = hashlib.sha256(OmegaConf.to_yaml(cfg.eval, resolve=True).encode())
+    for p in images.paths:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _evaluate(cfg, evaluators, images: ImageSet, out_dir: Path) -> tuple[dict, dict, str]:
+    key = _inputs_hash(cfg, images)
+    prev = out_dir / "metrics.json"
+    if prev.exists():
+        old = json.loads(prev.read_text())
+        if old.get("run", {}).get("eval_inputs_hash") == key:
+            log.info("Evaluation inputs unchanged (%s); reusing metrics", key)
+            ev = {k: v for k, v in old["metrics"].items() if k.startswith("eval/")}
+            return ev, old.get("per_image", {}), key
+    metrics, per_image = {}, {}
+    for name, ev in evaluators.items():
+        log.info("Evaluating <eval.%s> on %d images", name, len(images))
+        for k, v in ev.evaluate(images).items():
+            if isinstance(v, (list, tuple)):
+                per_image[k] = list(v)
+            else:
+                metrics[f"eval/{k}"] = float(v)
+    return metrics, per_image, key
+
+
+def run(cfg: DictConfig) -> float:
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. Checks before any model is loaded.
+    validate(cfg)
+    setup_backends(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    family = cfg.model.family
+    log.info("Instantiating method <method=%s>", cfg.method.name)
+    method = build_method(cfg)
+    method.check(family)
+    loader = instantiate(cfg.model.loader)
+    loader.check()
+    data = instantiate(cfg.data)
+    data.check()
+    calib = instantiate(cfg.calib) if cfg.calib.get("_target_") else None
+    if calib is not None and method.kind in ("weights", "compose") and getattr(method, "needs_calib", True):
+        calib.check()
+    evaluators, skipped = build_evaluators(cfg)
+    all_items = assign_seeds(data.load(), int(cfg.seed))
+    items = shard(all_items, int(cfg.gen.shard), int(cfg.gen.num_shards))
+    gen = OmegaConf.to_container(cfg.gen, resolve=True)
+    images_dir = Path(gen["images_dir"])
+    logger = instantiate(cfg.logger) if cfg.logger.get("_target_") else None
+
+    metrics: dict[str, float] = {}
+    try:
+        if logger is not None:
+            logger.start(OmegaConf.to_container(cfg, resolve=True), out_dir, job_type=method.kind)
+
+        # 2. Load the pipeline and apply the method.
+        log.info("Loading <model=%s> (%s, %s, %s)", cfg.model.name, family, dtype, device)
+        pipe = loader.load(family=family, dtype=dtype, device=device)
+        if cfg.model.get("pruned_from"):
+            from edm.methods.weight.io import apply_pruned_from
+
+            apply_pruned_from(pipe, cfg.model.pruned_from)
+        denoiser = getattr(pipe, "transformer", None) or pipe.unet
+        dense = perf.param_stats(denoiser)
+        ctx = ApplyContext(family=family, device=device, dtype=dtype, seed=int(cfg.seed),
+                           output_dir=out_dir, gen=gen, calib=calib,
+                           train_data=getattr(loader, "train_data", None))
+        perf.reset_peak_memory(device)
+        t0 = time.perf_counter()
+        report = method.apply(pipe, ctx)
+        metrics["method/apply_seconds"] = time.perf_counter() - t0
+        metrics.update(report.scalars())
+        write_json(out_dir / "method_report.json", {
+            "name": report.name, "kind": report.kind, "patched": report.patched,
+            "sparsity": report.sparsity, "metrics": report.metrics, "details": report.details})
+        pruned = perf.param_stats(denoiser)
+        metrics.update({f"perf/{k}": v for k, v in pruned.items()})
+        metrics["perf/dense_params_m"] = dense["params_m"]
+
+        # 3. Generate (resumable, sharded).
+        if gen["enabled"]:
+            write_text(out_dir / ("prompts.jsonl" if gen["num_shards"] == 1 else
+                                  f"prompts.shard{gen['shard']:03d}-of-{gen['num_shards']:03d}.jsonl"),
+                       "".join(it.to_json() + "\n" for it in items))
+            stats = generate(pipe, items, gen, images_dir, device, warmup=gen["warmup"],
+                             progress=gen["progress"])
+            if stats.timed_images == 0 and cfg.perf.latency_batches > 0:
+                stats = time_batches(pipe, items, gen, device, int(cfg.perf.latency_batches))
+            if stats.sec_per_image is not None:
+                metrics["perf/sec_per_image"] = stats.sec_per_image
+            metrics["perf/images_generated"] = float(stats.generated)
+        metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(device).items()})
+        if cfg.perf.flops and items:
+            try:
+                metrics.update({f"perf/{k}": v for k, v in perf.flops_per_step(pipe, items[0], gen).items()})
+            except ImportError as e:  # pragma: no cover - flops module missing
+                log.warning("FLOPs not measured: %s", e)
+
+        # 4. Evaluate once every image of the (unsharded) prompt set exists.
+        full = ImageSet(images_dir, all_items)
+        per_image: dict = {}
+        eval_hash = None
+        missing = full.missing()
+        if evaluators and not missing:
+            ev, per_image, eval_hash = _evaluate(cfg, evaluators, full, out_dir)
+            metrics.update(ev)
+        elif evaluators:
+            log.info("Not evaluating: %d of %d images missing (other shards still running?)",
+                     len(missing), len(full))
+        metrics["perf/run_seconds"] = time.perf_counter() - t_start
+
+        # 5. Log.
+        summary = {
+            "metrics": metrics,
+            "per_image": per_image,
+            "run": {
+                "run_name": cfg.run_name, "model": cfg.model.name, "family": family,
+                "method": report.name, "kind": report.kind, "tag": cfg.method.get("tag"),
+                "sparsity": cfg.sparsity, "seed": int(cfg.seed), "output_dir": str(out_dir),
+                "images_dir": str(images_dir), "num_items": len(all_items),
+                "shard": gen["shard"], "num_shards": gen["num_shards"],
+                "eval_inputs_hash": eval_hash, "skipped_evaluators": skipped,
+                "missing_images": len(missing),
+                "prune_point": report.details.get("prune_point") if isinstance(report.details, dict) else None,
+            },
+        }
+        write_json(out_dir / "metrics.json", summary)
+        if logger is not None:
+            logger.log(metrics)
+            if not missing:
+                logger.log_images(images_dir, all_items, per_image)
+        log.info("Metrics: %s", json.dumps(metrics, indent=1, sort_keys=True))
+    finally:
+        if logger is not None:
+            logger.finish()
+        log.info("Output dir: %s", out_dir)
+
+    primary = cfg.eval.get("primary_metric", "perf/sec_per_image")
+    return float(metrics.get(primary, math.nan))
