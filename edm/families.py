@@ -170,7 +170,9 @@ class UNetAdapter(Adapter):
                     stage_len=len(parent.attentions),
                 )
             )
-        return blocks
+        # named_modules() registers mid_block after up_blocks; sort into forward order.
+        order = {"down": 0, "mid": 1, "up": 2}
+        return sorted(blocks, key=lambda b: (order[b.stage], b.stage_index, b.position))
 
     def _units_per_layer(self, denoiser):
         return [
