@@ -23,6 +23,7 @@ def param_stats(module: nn.Module) -> dict[str, float]:
             w_zero += m.weight.numel() - int(torch.count_nonzero(m.weight))
     return {
         "params_m": total / 1e6,
+        "params_b": total / 1e9,
         "nonzero_params_m": nonzero / 1e6,
         "weight_sparsity": (w_zero / w_total) if w_total else 0.0,
     }
@@ -61,4 +62,8 @@ def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
     if not per_call:
         return {}
     avg = sum(per_call) / len(per_call)
-    return {"gflops_per_step": avg / 1e9, "denoiser_calls": float(len(per_call))}
+    # Pipelines batch the CFG halves into one call (diffusers: CFG on when guidance_scale > 1);
+    # the papers quote FLOPs per denoiser forward of ONE sample, hence the division.
+    cfg_batch = 2 if float(gen["guidance_scale"]) > 1.0 else 1
+    return {"gflops_per_step": avg / 1e9, "tflops_per_forward": avg / cfg_batch / 1e12,
+            "denoiser_calls": float(len(per_call))}

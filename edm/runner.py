@@ -93,6 +93,33 @@ def _evaluate(cfg, evaluators, images: ImageSet, out_dir: Path) -> tuple[dict, d
     return metrics, per_image, key
 
 
+def _flat(node, prefix="") -> dict:
+    out = {}
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif not isinstance(v, list):
+            out[key] = v
+    return out
+
+
+def _provenance(cfg: DictConfig) -> dict:
+    """Group choices and CLI overrides (for tables that match results to paper rows)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+        overrides = list(hc.overrides.task)
+    except ValueError:  # run() called without Hydra (tests, notebooks)
+        choices, overrides = {}, []
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    flat = _flat({k: resolved[k] for k in ("model", "method", "gen", "sparsity", "seed")})
+    flat = {k: v for k, v in flat.items() if not k.startswith("model.loader") and "_target_" not in k}
+    return {"choices": choices, "overrides": overrides, "config": flat}
+
+
 def run(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
@@ -195,6 +222,7 @@ def run(cfg: DictConfig) -> float:
                 "eval_inputs_hash": eval_hash, "skipped_evaluators": skipped,
                 "missing_images": len(missing),
                 "prune_point": report.details.get("prune_point") if isinstance(report.details, dict) else None,
+                **_provenance(cfg),
             },
         }
         write_json(out_dir / "metrics.json", summary)

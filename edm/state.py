@@ -70,7 +70,12 @@ class StepTracker:
     def _pre_hook(self, module, args, kwargs):
         sample, t = self._bind(args, kwargs)
         s = self.state
-        t_val = float(t.flatten()[0]) if torch.is_tensor(t) else (float(t) if t is not None else None)
+        if torch.is_tensor(t):
+            # a meta tensor (FLOPs counting of full-size models) has no value: steps then
+            # only count up from the first call (or from reset())
+            t_val = None if t.device.type == "meta" else float(t.flatten()[0])
+        else:
+            t_val = float(t) if t is not None else None
         timesteps = getattr(self.scheduler, "timesteps", None)
         first_t = float(timesteps[0]) if timesteps is not None and len(timesteps) else None
         starts = s.step_index < 0 or (

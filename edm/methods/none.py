@@ -10,8 +10,10 @@ class NoMethod(Method):
 
     kind = "none"
 
-    def __init__(self, name: str = "none", tag: str = "dense"):
-        self.name, self.tag = name, tag
+    def __init__(self, name: str = "none", tag: str = "dense", **ignored):
+        # Sweeps such as `method=none,wanda ++method.pattern=2:4` pass method knobs to every
+        # point; the dense baseline has none, so it accepts and ignores them.
+        self.name, self.tag, self.ignored = name, tag, sorted(ignored)
 
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
         self.check(ctx.family)

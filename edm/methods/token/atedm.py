@@ -1,0 +1,486 @@
+"""AT-EDM (Wang et al., CVPR 2024): attention-driven run-time token pruning (spec §1).
+
+Per attention block: at the configured layer(s) the self-attention map scores the image tokens
+with G-WPR, the top tokens are kept (raster order), the following layers of the block run on the
+kept tokens only (self-attention, cross-attention with kept queries, FFN), and before the
+block's output returns to the convolutional path every pruned token is refilled with a copy of
+the kept token it attended to most. DSAP prunes less during the first denoising steps.
+
+Seams (no copied ``forward``): a map-returning attention processor on each pruning layer's
+attention (:mod:`edm.methods.token.attn_map`; every other layer keeps fused SDPA), a
+``diffusers.hooks.ModelHook`` on each pruning/refilling layer, on the block (per-call ratio) and on
+a linear ``proj_out`` (refill after it: it is token-wise), and :class:`edm.state.StepTracker`.
+
+Prune points (``prune_point``):
+
+* ``after_ffn`` (the paper's, spec §1.3): the layer's output is pruned; the next layers of the
+  block see the kept tokens. Useless in blocks of one layer (SD1.5, SD2.1, digits): such layers
+  are skipped.
+* ``after_self_attn``: the layer's self-attention runs on all tokens, then its residual stream is
+  pruned, so its cross-attention and FFN already run on the kept tokens. Implemented by running
+  the layer's ``attn1`` on all tokens in the layer's pre-forward hook, pruning the layer input,
+  and handing the kept rows of that attention output to the layer's own ``attn1`` call.
+* ``auto``: ``after_ffn`` for SDXL and SD3 (MMDiT: after the joint block), else ``after_self_attn``.
+
+MMDiT (SD3/SD3.5, beyond the paper): image tokens are pruned after the joint blocks listed in
+``mmdit_prune_after`` (map: the image-image part of the joint attention, rows renormalised) and
+refilled after block ``mmdit_refill_after`` (default the last one, i.e. before ``norm_out``).
+Text tokens are never pruned.
+
+Unknown details of the paper (spec §5) are knobs; defaults and reasons in :class:`ATEDM`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from edm.errors import ConfigError, UnsupportedFamily
+from edm.families import ARCH, AttentionBlock, adapter
+from edm.methods.base import ApplyContext, MethodReport, Patcher, RuntimeMethod
+from edm.methods.token import atedm_kernel as K
+from edm.methods.token.attn_map import (
+    HEAD_REDUCE,
+    MapJointAttnProcessor,
+    MapSelfAttnProcessor,
+    MapSlot,
+    check_plain_attention,
+)
+from edm.methods.token.dsap import DSAP
+from edm.state import StepTracker
+
+log = logging.getLogger(__name__)
+
+_EDM_ATEDM_HOOK = "edm_atedm"
+PRUNE_POINTS = ("auto", "after_self_attn", "after_ffn")
+SELECTIONS = ("gwpr", "random", "attn_colsum")
+ASSIGNMENTS = ("attention", "cosine")
+SCORE_SOURCES = ("self", "cross")
+_AUTO_POINT = {"sdxl": "after_ffn", "sd3": "after_ffn"}
+
+
+@dataclass
+class _Shared:
+    """State of one ``apply``, shared by every hook."""
+
+    m: ATEDM
+    tracker: StepTracker
+    cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
+    gen: torch.Generator | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def time(self, name: str):
+        if not self.m.profile:
+            return contextlib.nullcontext()
+        return _Timer(self.timings, name)
+
+
+class _Timer:
+    def __init__(self, acc: dict[str, float], name: str):
+        self.acc, self.name = acc, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.acc[self.name] = self.acc.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+@dataclass
+class _Block:
+    """Per attention block (UNet ``Transformer2DModel``; MMDiT: the pruned block range)."""
+
+    info: AttentionBlock
+    ratio: float = 0.0  # this call's ratio (DSAP)
+    src: torch.Tensor | None = None  # [B, N0] position of every grid token in the kept sequence
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, x):
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
+
+
+class _DenoiserHook:
+    """Forward pre-hook on the denoiser: CFG detection and per-trajectory RNG re-seeding."""
+
+    def __init__(self, shared: _Shared):
+        self.shared = shared
+
+    def __call__(self, module, args, kwargs):
+        s = self.shared
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        half = x.shape[0] // 2
+        # diffusers pipelines batch CFG as torch.cat([latents] * 2): equal halves <=> CFG.
+        s.cfg_batch = bool(
+            x.shape[0] % 2 == 0 and x.device.type != "meta" and torch.equal(x[:half], x[half:])
+        )
+        if s.tracker.state.step_index == 0 and x.device.type != "meta":
+            s.gen = torch.Generator(x.device).manual_seed(s.m.seed)
+        return None
+
+
+class _BlockHook(ModelHook):
+    """Sets the block's ratio for this call (DSAP) and checks the block left the grid full."""
+
+    def __init__(self, shared: _Shared, block: _Block):
+        super().__init__()
+        self.shared, self.block = shared, block
+
+    def pre_forward(self, module, *args, **kwargs):
+        st = self.shared.tracker.state
+        m = self.shared.m
+        self.block.ratio = m.dsap.ratio(m.prune_ratio, self.block.info, st.step_index, st.num_steps)
+        self.block.src = None
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        assert self.block.src is None, f"{self.block.info.name}: tokens were pruned, never refilled"
+        return output
+
+
+class _LayerHook(ModelHook):
+    """Prunes after (``after_ffn``) or inside (``after_self_attn``) a layer, and/or refills."""
+
+    def __init__(self, shared, block: _Block, layer: nn.Module, slot: MapSlot | None,
+                 cross_slot: MapSlot | None, point: str | None, refill: bool, mmdit: bool):
+        super().__init__()
+        self.shared, self.block, self.layer = shared, block, layer
+        self.slot, self.cross_slot, self.point, self.refill, self.mmdit = (
+            slot, cross_slot, point, refill, mmdit)
+        self.k: int | None = None  # tokens to keep in this call (None = no pruning)
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.k = None
+        if self.point is None:
+            return args, kwargs
+        x = _hidden(args, kwargs)
+        n = x.shape[1]
+        k = K.keep_count(n, self.block.ratio)
+        if k >= n:
+            return args, kwargs
+        m = self.shared.m
+        self.slot.want_map = m.needs_self_map
+        if self.cross_slot is not None:
+            self.cross_slot.want_map = m.needs_cross_map
+        if self.point == "after_ffn":
+            self.k = k
+            return args, kwargs
+        # after_self_attn: self-attention on all tokens here, the layer then runs on kept ones.
+        lay = self.layer
+        xkw = dict(kwargs.get("cross_attention_kwargs") or {})
+        xkw.pop("gligen", None)
+        attn_out = lay.attn1(lay.norm1(x), encoder_hidden_states=None,
+                             attention_mask=kwargs.get("attention_mask"), **xkw)
+        keep, src = self._decide(x + attn_out, k)
+        with self.shared.time("gather"):
+            self.slot.replay = K.gather_tokens(attn_out, keep)
+            x = K.gather_tokens(x, keep)
+        self.block.src = src
+        return _with_hidden(args, kwargs, x)
+
+    def post_forward(self, module, output):
+        if self.k is not None:  # after_ffn
+            hidden = output[1] if self.mmdit else output
+            keep, self.block.src = self._decide(hidden, self.k)
+            with self.shared.time("gather"):
+                hidden = K.gather_tokens(hidden, keep)
+            output = (output[0], hidden) if self.mmdit else hidden
+            self.k = None
+        if self.refill and self.block.src is not None:
+            hidden = output[1] if self.mmdit else output
+            hidden = _refill(self.shared, self.block, hidden)
+            output = (output[0], hidden) if self.mmdit else hidden
+        return output
+
+    def _decide(self, hidden: torch.Tensor, k: int):
+        """Scores -> keep indices -> refill sources, from this call's map(s)."""
+        s, m, slot = self.shared, self.shared.m, self.slot
+        b, n = hidden.shape[:2]
+        with s.time("gwpr"):
+            if m.selection == "random":
+                if hidden.device.type == "meta" or s.gen is None:
+                    scores = torch.rand(b, n, device=hidden.device)
+                else:
+                    scores = torch.rand(b, n, generator=s.gen, device=hidden.device)
+            elif m.score_source == "cross":
+                scores = K.hits_image_scores(self.cross_slot.A, m.iters)
+            elif m.head_reduce == "rms":
+                scores = slot.s_rms
+            else:
+                scores = K.gwpr(slot.A, 1 if m.selection == "attn_colsum" else m.iters)
+        with s.time("mask"):
+            shared = m.cfg_shared_mask and s.cfg_batch
+            keep = K.keep_indices(scores, k, cfg_shared=shared)
+            if m.assignment == "attention":
+                assign = K.assign_by_attention(slot.A, keep)
+            else:
+                assign = K.assign_by_cosine(hidden, keep)
+            if shared:
+                assign = K.cfg_share(assign)
+            src = K.compose_sources(self.block.src, assign)
+        slot.clear()
+        if self.cross_slot is not None:
+            self.cross_slot.clear()
+        return keep, src
+
+
+def _refill(shared: _Shared, block: _Block, hidden: torch.Tensor) -> torch.Tensor:
+    with shared.time("refill"):
+        out = K.refill(hidden, block.src)
+    block.src = None
+    return out
+
+
+class _RefillHook(ModelHook):
+    """Refill after a linear ``proj_out`` (token-wise, so refilling after it is exact)."""
+
+    def __init__(self, shared: _Shared, block: _Block):
+        super().__init__()
+        self.shared, self.block = shared, block
+
+    def post_forward(self, module, output):
+        if self.block.src is None:
+            return output
+        return _refill(self.shared, self.block, output)
+
+
+class ATEDM(RuntimeMethod):
+    r"""AT-EDM token pruning, removable.
+
+    Important args:
+        prune_ratio (`float`, defaults to `0.63`): fraction of the tokens present at a pruning
+            point that are pruned there. 0.63 after the first layer of every SDXL attention block
+            is the paper's setting (spec §1.3); 0 is bit-identical to the dense model.
+        prune_point (`str`, defaults to `"auto"`): ``after_ffn`` | ``after_self_attn`` |
+            ``auto`` (``after_ffn`` for SDXL/SD3, ``after_self_attn`` for one-layer blocks:
+            SD1.5, SD2.1, digits). The resolved point is in the report.
+        prune_after_layers (`list[int]`, defaults to `[0]`): layer indices inside each UNet
+            attention block after which to prune (spec §1.3 suggests one point, after layer 0).
+        downsamples (`list[int] | None`, defaults to `None`): prune only UNet attention blocks at
+            these downsample factors of the latent (1, 2, 4, 8); ``None`` = all. SDXL's
+            AT-EDM† (no 64x64 pruning at 1024²) is ``[4]``.
+        dsap (`dict`): see :class:`edm.methods.token.dsap.DSAP`; defaults enabled, early
+            20 % of the steps, paper block rule. ``tau`` is not in the paper (spec §5).
+
+    Args to tinker with (each an unknown of the paper, spec §5):
+        selection (`str`, defaults to `"gwpr"`): ``gwpr`` | ``attn_colsum`` (= G-WPR with one
+            iteration: column mean of the map) | ``random`` (control: random tokens, same
+            refill). Compare G-WPR with ``random`` at the same ratio.
+        iters (`int`, defaults to `5`): G-WPR iterations (author's Zero-TPrune prototype).
+        head_reduce (`str`, defaults to `"mean"`): ``mean`` = G-WPR on the head-mean map (spec
+            default; query-chunked); ``rms`` = per-head WPR, root-mean-square over heads
+            (Zero-TPrune EIR; head-chunked, needs whole per-head maps per chunk).
+        score_source (`str`, defaults to `"self"`): ``self`` | ``cross`` (HITS on the
+            cross-attention map, the paper's ablation; only with ``after_ffn`` on UNets).
+        assignment (`str`, defaults to `"attention"`): refill source of a pruned token:
+            ``attention`` = the kept key it attended to most, from the pruning map (spec §1.5);
+            ``cosine`` = most cosine-similar kept hidden state.
+        cfg_shared_mask (`bool`, defaults to `True`): on a classifier-free-guidance batch
+            (detected by equal latent halves, which is how diffusers batches CFG), the keep set
+            and refill sources come from the conditional half and are shared by the
+            unconditional half, so the guidance difference compares the same tokens. ``False``:
+            each sample has its own mask (same ``k``).
+        mmdit_prune_after (`list[int]`, defaults to `[0]`): MMDiT joint blocks after which to
+            prune image tokens (negative = from the end).
+        mmdit_refill_after (`int`, defaults to `-1`): MMDiT block after which to refill
+            (-1 = last block, i.e. before ``norm_out``/``proj_out``).
+        map_chunk_mb (`float`, defaults to `32`): memory of one attention-probability chunk.
+        profile (`bool`, defaults to `False`): accumulate wall-clock time of map / gwpr / mask /
+            gather / refill in ``self.timings`` (seconds).
+        seed (`int`): seed of ``selection=random`` (re-seeded at every trajectory's first step).
+    """
+
+    def __init__(
+        self,
+        prune_ratio: float = 0.63,
+        prune_point: str = "auto",
+        prune_after_layers: list[int] | tuple[int, ...] = (0,),
+        downsamples: list[int] | None = None,
+        selection: str = "gwpr",
+        iters: int = 5,
+        head_reduce: str = "mean",
+        score_source: str = "self",
+        assignment: str = "attention",
+        cfg_shared_mask: bool = True,
+        dsap: dict | DSAP | None = None,
+        mmdit_prune_after: list[int] | tuple[int, ...] = (0,),
+        mmdit_refill_after: int = -1,
+        map_chunk_mb: float = 32.0,
+        profile: bool = False,
+        seed: int = 0,
+        name: str = "at_edm",
+        tag: str | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= float(prune_ratio) < 1.0:
+            raise ConfigError("method.prune_ratio", f"must be in [0, 1), got {prune_ratio}.")
+        for key, val, allowed in (
+            ("prune_point", prune_point, PRUNE_POINTS),
+            ("selection", selection, SELECTIONS),
+            ("head_reduce", head_reduce, HEAD_REDUCE),
+            ("score_source", score_source, SCORE_SOURCES),
+            ("assignment", assignment, ASSIGNMENTS),
+        ):
+            if val not in allowed:
+                raise ConfigError(f"method.{key}", f"unknown value {val!r}.", allowed)
+        if int(iters) < 1:
+            raise ConfigError("method.iters", f"must be >= 1, got {iters}.")
+        layers = [int(i) for i in prune_after_layers]
+        if not layers or min(layers) < 0:
+            raise ConfigError("method.prune_after_layers", f"non-empty, >= 0; got {layers}.")
+        if score_source == "cross" and prune_point == "after_self_attn":
+            raise ConfigError("method.score_source", "cross needs prune_point after_ffn/auto.")
+        if score_source == "cross" and head_reduce == "rms":
+            raise ConfigError("method.head_reduce", "rms is for score_source=self.")
+        if downsamples is not None and any(int(d) not in (1, 2, 4, 8) for d in downsamples):
+            raise ConfigError("method.downsamples", f"got {downsamples}.", (1, 2, 4, 8))
+        if float(map_chunk_mb) <= 0:
+            raise ConfigError("method.map_chunk_mb", "must be > 0.")
+        self.prune_ratio = float(prune_ratio)
+        self.prune_point = prune_point
+        self.prune_after_layers = sorted(set(layers))
+        self.downsamples = None if downsamples is None else [int(d) for d in downsamples]
+        self.selection, self.iters, self.head_reduce = selection, int(iters), head_reduce
+        self.score_source, self.assignment = score_source, assignment
+        self.cfg_shared_mask = bool(cfg_shared_mask)
+        self.dsap = DSAP.from_cfg(dsap if dsap is not None else {})
+        self.mmdit_prune_after = [int(i) for i in mmdit_prune_after]
+        self.mmdit_refill_after = int(mmdit_refill_after)
+        self.map_chunk_mb, self.profile, self.seed = float(map_chunk_mb), bool(profile), int(seed)
+        self.name, self.tag = name, tag or f"atedm-r{self.prune_ratio}"
+        self.timings: dict[str, float] = {}
+        self.resolved_point: str | None = None
+
+    @property
+    def needs_self_map(self) -> bool:
+        scored = self.selection != "random" and self.score_source == "self"
+        return scored or self.assignment == "attention"
+
+    @property
+    def needs_cross_map(self) -> bool:
+        return self.selection != "random" and self.score_source == "cross"
+
+    def install(self, pipe, patcher: Patcher, ctx: ApplyContext) -> MethodReport:
+        ad = adapter(ctx.family)
+        denoiser = ad.denoiser(pipe)
+        tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
+        patcher.add_handle(tracker)
+        shared = _Shared(self, tracker, timings=self.timings)
+        patcher.add_handle(denoiser.register_forward_pre_hook(_DenoiserHook(shared), with_kwargs=True))
+        blocks = ad.attention_blocks(denoiser)
+        if not blocks:
+            raise UnsupportedFamily(f"<method={self.name}> {type(denoiser).__name__} has no attention blocks")
+        if ARCH[ctx.family] == "mmdit":
+            point = "after_ffn"
+            layers, skipped = self._install_mmdit(denoiser, blocks, patcher, shared)
+        else:
+            point = self.prune_point
+            if point == "auto":
+                point = _AUTO_POINT.get(ctx.family, "after_self_attn")
+            layers, skipped = self._install_unet(denoiser, blocks, patcher, shared, point)
+        self.resolved_point = point
+        for name, why in skipped:
+            log.info("AT-EDM: not pruning %s: %s", name, why)
+        return MethodReport(
+            name=self.name, kind=self.kind, patched=patcher.count if layers else 0,
+            metrics={"prune_ratio": self.prune_ratio, "pruning_layers": float(len(layers))},
+            details={"prune_point": point, "pruning_layers": layers, "skipped": skipped,
+                     "selection": self.selection, "assignment": self.assignment,
+                     "head_reduce": self.head_reduce, "iters": self.iters,
+                     "cfg_shared_mask": self.cfg_shared_mask, "dsap": repr(self.dsap)},
+        )
+
+    def _map_slot(self, shared: _Shared) -> MapSlot:
+        timer = shared.time if self.profile else None
+        return MapSlot(head_reduce=self.head_reduce, iters=self.iters,
+                       chunk_mb=self.map_chunk_mb, timer=timer)
+
+    def _install_unet(self, denoiser, blocks, patcher, shared, point):
+        n_down = len(denoiser.down_blocks)
+        layers, skipped = [], []
+        for info in blocks:
+            exp = {"down": info.stage_index, "mid": n_down - 1,
+                   "up": n_down - 1 - info.stage_index}[info.stage]
+            if self.downsamples is not None and 2**exp not in self.downsamples:
+                skipped.append((info.name, f"downsample {2**exp} not in {self.downsamples}"))
+                continue
+            n_layers = len(info.layers)
+            last_useful = n_layers - 1 if point == "after_self_attn" else n_layers - 2
+            points = [i for i in self.prune_after_layers if i <= last_useful]
+            if not points:
+                skipped.append((info.name, f"{n_layers} layer(s): nothing after {point} "
+                                           f"of layers {self.prune_after_layers}"))
+                continue
+            block = _Block(info)
+            linear_out = isinstance(getattr(info.module, "proj_out", None), nn.Linear)
+            for i, (lname, lay) in enumerate(info.layers):
+                prunes = i in points
+                refills = i == n_layers - 1 and not linear_out
+                if not (prunes or refills):
+                    continue
+                slot = cross = None
+                if prunes:
+                    _check_layer(lay, lname, point)
+                    slot = self._map_slot(shared)
+                    patcher.set_processor(lay.attn1, MapSelfAttnProcessor(slot, lay.attn1.get_processor()))
+                    if self.score_source == "cross":
+                        check_plain_attention(lay.attn2, f"{lname}.attn2")
+                        cross = self._map_slot(shared)
+                        patcher.set_processor(lay.attn2, MapSelfAttnProcessor(cross, lay.attn2.get_processor()))
+                    layers.append(lname)
+                hook = _LayerHook(shared, block, lay, slot, cross, point if prunes else None,
+                                  refills, mmdit=False)
+                patcher.register_hook(lay, hook, _EDM_ATEDM_HOOK)
+            if linear_out:
+                patcher.register_hook(info.module.proj_out, _RefillHook(shared, block), _EDM_ATEDM_HOOK)
+            patcher.register_hook(info.module, _BlockHook(shared, block), _EDM_ATEDM_HOOK)
+        return layers, skipped
+
+    def _install_mmdit(self, denoiser, blocks, patcher, shared):
+        if self.score_source == "cross":
+            raise ConfigError("method.score_source", "MMDiT has joint attention only; use self.")
+        n = len(blocks)
+        refill = self.mmdit_refill_after % n if -n <= self.mmdit_refill_after < n else None
+        points = sorted({i % n for i in self.mmdit_prune_after if -n <= i < n})
+        if refill is None or not points or max(points) >= refill:
+            raise ConfigError("method.mmdit_prune_after",
+                              f"need prune blocks < refill block in range({n}); got "
+                              f"{self.mmdit_prune_after} / {self.mmdit_refill_after}")
+        block = _Block(blocks[points[0]])
+        layers = []
+        for i in sorted(set(points) | {refill}):
+            info = blocks[i]
+            slot = None
+            if i in points:
+                check_plain_attention(info.module.attn, f"{info.name}.attn")
+                slot = self._map_slot(shared)
+                attn = info.module.attn
+                patcher.set_processor(attn, MapJointAttnProcessor(slot, attn.get_processor()))
+                layers.append(info.name)
+            hook = _LayerHook(shared, block, info.module, slot, None,
+                              "after_ffn" if i in points else None, i == refill, mmdit=True)
+            patcher.register_hook(info.module, hook, _EDM_ATEDM_HOOK)
+        patcher.register_hook(denoiser, _BlockHook(shared, block), _EDM_ATEDM_HOOK)
+        return layers, [(b.name, "outside the pruned range") for b in blocks if b.name not in layers]
+
+
+def _check_layer(layer: nn.Module, name: str, point: str) -> None:
+    check_plain_attention(layer.attn1, f"{name}.attn1")
+    if point == "after_self_attn":
+        ok = (getattr(layer, "norm_type", None) == "layer_norm" and layer.pos_embed is None
+              and not layer.only_cross_attention)
+        if not ok:
+            raise UnsupportedFamily(
+                f"AT-EDM prune_point=after_self_attn needs plain layer-norm blocks; {name} is not"
+            )

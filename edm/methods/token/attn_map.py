@@ -1,0 +1,244 @@
+"""Attention that also returns its map, computed once, in memory-bounded chunks (spec §1.8).
+
+Fused kernels (SDPA, flash, xFormers) never return the attention probabilities, and a second
+attention pass just to get them erased AT-EDM's gain in the paper's own latency table. So at a
+pruning layer the processor here computes ``softmax(Q K^T / sqrt(d))`` explicitly, chunk by
+chunk, and uses the same probabilities for the layer's output ``P V`` while accumulating the
+head-aggregated map. Every other layer keeps the model's own (fused) processor.
+
+* :func:`attention_with_map` is pure tensor code (runs on ``meta`` for FLOPs counting).
+* :class:`MapSelfAttnProcessor` (UNet ``attn1``/``attn2``) and :class:`MapJointAttnProcessor`
+  (MMDiT joint attention) are attention processors (``attn.set_processor``): when their
+  :class:`MapSlot` asks for a map they compute it, otherwise they delegate to the processor
+  they replaced, so an idle layer is bit-identical to the original.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edm.errors import UnsupportedFamily
+from edm.methods.token.atedm_kernel import gwpr
+
+HEAD_REDUCE = ("mean", "rms")
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def attention_with_map(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_map: int | None = None,
+    head_reduce: str = "mean",
+    iters: int = 5,
+    chunk_mb: float = 32.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``softmax(q k^T / sqrt(d)) v`` plus the head-aggregated attention map, in one pass.
+
+    Memory is bounded by ``chunk_mb`` for the probability chunk ``[B, hc, qc, Nk]`` plus the
+    ``[B, n, n]`` map itself: all heads and a block of queries per chunk (``head_reduce="mean"``),
+    or a block of heads and all queries (``"rms"``, whose per-head WPR needs whole maps).
+
+    Args:
+        q: ``[B, h, Nq, d]``; k, v: ``[B, h, Nk, d]``.
+        n_map: the map covers queries ``< n_map`` and keys ``< n_map`` (MMDiT: the image tokens
+            that precede the text tokens); rows are renormalised to sum 1 when keys are cut.
+            ``None`` = all (requires ``Nq == Nk`` only for G-WPR, not here).
+        head_reduce: ``mean`` (map = head mean) or ``rms`` (also per-head WPR scores
+            aggregated by root-mean-square over heads, returned as the third value).
+        iters: WPR iterations of the per-head scores (``rms`` only).
+        chunk_mb: size of one probability chunk in MiB (float32 elements).
+
+    Returns:
+        ``(out [B, h, Nq, d], A [B, nq, nk] float32, s_rms [B, nq] or None)``.
+    """
+    if head_reduce not in HEAD_REDUCE:
+        raise ValueError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    mq = nq if n_map is None else min(n_map, nq)
+    mk = nk if n_map is None else min(n_map, nk)
+    q = q * (1.0 / math.sqrt(d))  # fold the SDPA scale into q: one small pass instead of B·h·N²
+    kt = k.transpose(-1, -2)
+    out = torch.empty_like(q)
+    A = torch.zeros(b, mq, mk, dtype=torch.float32, device=q.device)
+    budget = max(1, int(chunk_mb * 2**20 / 4))
+    if head_reduce == "mean":
+        hc, qc = h, max(1, budget // max(1, b * h * nk))
+    else:
+        hc, qc = max(1, min(h, budget // max(1, b * nq * nk))), nq
+    s_sq = torch.zeros(b, mq, dtype=torch.float32, device=q.device) if head_reduce == "rms" else None
+    for h0, h1 in _chunks(h, hc):
+        for q0, q1 in _chunks(nq, qc):
+            P = torch.matmul(q[:, h0:h1, q0:q1], kt[:, h0:h1]).softmax(-1)  # [B, hc, qc, Nk]
+            out[:, h0:h1, q0:q1] = torch.matmul(P, v[:, h0:h1])
+            r1 = min(q1, mq)
+            if r1 > q0:  # rows of this chunk that belong to the map
+                A[:, q0:r1] += P[:, :, : r1 - q0, :mk].sum(1, dtype=torch.float32)
+            if s_sq is not None:
+                Ph = P[:, :, :mq, :mk]
+                if mk < nk:
+                    Ph = Ph / Ph.sum(-1, keepdim=True)
+                s_sq += gwpr(Ph, iters).pow(2).sum(1)
+    if mk < nk:
+        A = A / A.sum(-1, keepdim=True)
+    else:
+        A = A / h
+    s_rms = None if s_sq is None else (s_sq / h).sqrt()
+    return out, A, s_rms
+
+
+@dataclass
+class MapSlot:
+    """Per-layer mailbox between an attention processor and the hooks around its layer.
+
+    Attributes:
+        want_map: the next call must compute its map (set by a hook before the call).
+        head_reduce, iters, chunk_mb: see :func:`attention_with_map`.
+        A: ``[B, n, n]`` map of the last mapped call (consumed by the hook).
+        s_rms: per-head RMS scores of that call (``head_reduce="rms"``).
+        replay: an already computed attention output to return instead of computing again
+            (prune point "after self-attention": the hook ran attention on all tokens, the
+            layer then runs on the kept ones and receives the kept rows of that output).
+        timer: optional callable ``timer(name)`` returning a context manager (overhead
+            breakdown); ``None`` = no timing.
+    """
+
+    want_map: bool = False
+    head_reduce: str = "mean"
+    iters: int = 5
+    chunk_mb: float = 32.0
+    A: torch.Tensor | None = None
+    s_rms: torch.Tensor | None = None
+    replay: torch.Tensor | None = None
+    timer: Any = None
+
+    def clear(self) -> None:
+        self.want_map = False
+        self.A = self.s_rms = self.replay = None
+
+
+def check_plain_attention(attn, name: str) -> None:
+    """Raise :class:`UnsupportedFamily` if ``attn`` uses features these processors do not handle."""
+    bad = [
+        f
+        for f, ok in (
+            ("spatial_norm", getattr(attn, "spatial_norm", None) is None),
+            ("group_norm", getattr(attn, "group_norm", None) is None),
+            ("residual_connection", not getattr(attn, "residual_connection", False)),
+            ("rescale_output_factor", getattr(attn, "rescale_output_factor", 1.0) == 1.0),
+            ("norm_cross", getattr(attn, "norm_cross", None) is None),
+        )
+        if not ok
+    ]
+    if bad:
+        raise UnsupportedFamily(f"AT-EDM cannot map attention {name}: it uses {', '.join(bad)}")
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _time(slot: MapSlot, name: str):
+    import contextlib
+
+    return slot.timer(name) if slot.timer is not None else contextlib.nullcontext()
+
+
+class MapSelfAttnProcessor:
+    """Processor for a UNet ``Attention`` (self- or cross-attention) that can return its map.
+
+    Args:
+        slot: the layer's :class:`MapSlot`.
+        fallback: the processor it replaces (called whenever no map is wanted).
+    """
+
+    def __init__(self, slot: MapSlot, fallback):
+        self.slot = slot
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        slot = self.slot
+        if slot.replay is not None:
+            out, slot.replay = slot.replay, None
+            assert out.shape[:2] == hidden_states.shape[:2], "replayed output does not fit"
+            return out
+        if not slot.want_map:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 *args, **kwargs)
+        if attention_mask is not None:
+            raise UnsupportedFamily("AT-EDM's mapped attention does not support attention masks")
+        slot.want_map = False
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
+        q, k, v = (_heads(t, attn.heads) for t in (q, k, v))
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        with _time(slot, "map"):
+            out, slot.A, slot.s_rms = attention_with_map(
+                q, k, v, head_reduce=slot.head_reduce, iters=slot.iters, chunk_mb=slot.chunk_mb
+            )
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class MapJointAttnProcessor:
+    """Processor for an MMDiT joint ``Attention`` (image + text streams) that can return the
+    image-image part of its map (rows renormalised over image keys).
+
+    Args:
+        slot: the block's :class:`MapSlot`.
+        fallback: the processor it replaces.
+    """
+
+    def __init__(self, slot: MapSlot, fallback):
+        self.slot = slot
+        self.fallback = fallback
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        slot = self.slot
+        if not slot.want_map or encoder_hidden_states is None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 *args, **kwargs)
+        if attention_mask is not None:
+            raise UnsupportedFamily("AT-EDM's mapped attention does not support attention masks")
+        slot.want_map = False
+        n_img = hidden_states.shape[1]
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k, v = (_heads(t, attn.heads) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        e = encoder_hidden_states
+        cq, ck, cv = attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e)
+        cq, ck, cv = (_heads(t, attn.heads) for t in (cq, ck, cv))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        with _time(slot, "map"):
+            out, slot.A, slot.s_rms = attention_with_map(
+                q, k, v, n_map=n_img, head_reduce=slot.head_reduce, iters=slot.iters,
+                chunk_mb=slot.chunk_mb,
+            )
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        img = attn.to_out[1](attn.to_out[0](img))
+        return img, ctx

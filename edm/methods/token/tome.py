@@ -1,0 +1,326 @@
+"""ToMe for Stable Diffusion, wired through public diffusers seams.
+
+Placement (tomesd's, spec §3.1): per transformer layer, one matching is computed from the layer's
+input ``x`` (pre-norm); self-attention runs on the merged tokens and its output is unmerged
+before the residual; cross-attention and the MLP may be merged the same way (off by default)::
+
+    x = u(attn1(m(norm1(x)))) + x ;  x = u(attn2(m(norm2(x)), ctx)) + x ;  x = u(ff(m(norm3(x)))) + x
+
+Seams, no copied ``forward``:
+
+* a ``diffusers.hooks.ModelHook`` on each selected ``BasicTransformerBlock`` (UNet) or
+  ``JointTransformerBlock`` (MMDiT) computes the matching in ``pre_forward`` and clears it after;
+* a ``ModelHook`` on each merged submodule (``attn1``/``attn2``/``ff``; MMDiT ``attn``/``attn2``/
+  ``ff``) merges its ``hidden_states`` argument and unmerges its output. The attention processor
+  is untouched, so fused SDPA keeps running on the shorter sequence;
+* :class:`edm.state.StepTracker` gives the latent size (bound by signature, so a keyword call
+  ``unet(sample=...)`` works, unlike tomesd, which reads the first positional argument) and the
+  step index for DSAP.
+
+MMDiT (SD3/SD3.5, beyond tomesd): the image tokens of each joint block are merged for the joint
+attention (text tokens untouched; queries, keys and values of the image stream are merged),
+for SD3.5's extra image-only attention (``attn2``) with ``merge_attn``, and for the image MLP with
+``merge_mlp``; ``merge_crossattn`` has nothing to act on there. The grid is the patch grid, so
+every joint block has downsample 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from edm.errors import ConfigError
+from edm.families import AttentionBlock, adapter
+from edm.methods.base import ApplyContext, MethodReport, Patcher, RuntimeMethod
+from edm.methods.token.dsap import DSAP
+from edm.methods.token.tome_kernel import bipartite_merge, identity
+from edm.state import StepTracker
+
+log = logging.getLogger(__name__)
+
+_EDM_TOME_HOOK = "edm_tome"
+_MAX_DOWNSAMPLE = (1, 2, 4, 8)
+
+
+@dataclass
+class _Match:
+    """The closures of one layer's current forward (identity outside it)."""
+
+    merge: object = identity
+    unmerge: object = identity
+    shape: tuple[int, int] | None = None  # (B, N) the closures were built for
+
+
+@dataclass
+class _Run:
+    """State shared by every hook of one ``apply``."""
+
+    tracker: StepTracker
+    seed: int | None
+    generator: torch.Generator | None = None
+    seeded_call: int = -1  # tracker call count at which ``generator`` was last re-seeded
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        # Draws happen on the activations' device (CPU for meta/mps), as in tomesd.
+        dev = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+        state = self.tracker.state
+        if self.seed is not None:
+            # Re-seeded at every trajectory start: an image does not depend on earlier batches,
+            # so resumed or sharded generation reproduces it.
+            new_traj = state.step_index == 0 and self.seeded_call != state.calls
+            if self.generator is None or self.generator.device != dev or new_traj:
+                self.generator = torch.Generator(dev).manual_seed(self.seed)
+                self.seeded_call = state.calls
+        elif self.generator is None or self.generator.device != dev:
+            # tomesd: fork the device's global RNG at first use and keep drawing from the fork.
+            self.generator = torch.Generator(dev)
+            rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state()
+            self.generator.set_state(rng)
+        return self.generator
+
+
+def _first_arg(args, kwargs, name: str = "hidden_states"):
+    return args[0] if args else kwargs[name]
+
+
+def _replace_first_arg(args, kwargs, value, name: str = "hidden_states"):
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, name: value}
+
+
+class _LayerHook(ModelHook):
+    """Computes one layer's matching from its input (pre-norm ``x``), tomesd's metric."""
+
+    def __init__(self, tome: ToMe, run: _Run, block: AttentionBlock, div: int, match: _Match):
+        super().__init__()
+        self.tome, self.run, self.block, self.div, self.match = tome, run, block, div, match
+
+    def pre_forward(self, module, *args, **kwargs):
+        x = _first_arg(args, kwargs)
+        state = self.run.tracker.state
+        if state.latent_hw is None:
+            raise RuntimeError(
+                "<method=tome> layer called outside a denoiser call (no latent size)"
+            )
+        B, N = x.shape[0], x.shape[1]
+        H, W = state.latent_hw
+        h, w = math.ceil(H / self.div), math.ceil(W / self.div)
+        if h * w != N:
+            raise RuntimeError(
+                f"<method=tome> {self.block.name}: {N} tokens do not form the {h}x{w} grid "
+                f"expected from latent {H}x{W} / {self.div}"
+            )
+        ratio = self.tome.dsap.ratio(
+            self.tome.ratio, self.block, state.step_index, state.num_steps
+        )
+        r = int(N * ratio)
+        # tomesd: with an odd batch the CFG halves are not batched together and random
+        # destinations cause artifacts, so use the top-left destination.
+        use_rand = self.tome.use_rand and B % 2 == 0
+        gen = self.run.generator_for(x.device) if (use_rand and r > 0) else None
+        m, u = bipartite_merge(x, w, h, r, self.tome.sx, self.tome.sy, use_rand, gen)
+        self.match.merge, self.match.unmerge, self.match.shape = m, u, (B, N)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.match.merge, self.match.unmerge, self.match.shape = identity, identity, None
+        return output
+
+
+class _MergeHook(ModelHook):
+    """Merges a submodule's ``hidden_states`` and unmerges its (first) output."""
+
+    def __init__(self, match: _Match, where: str):
+        super().__init__()
+        self.match, self.where = match, where
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.match.shape is None:
+            return args, kwargs
+        x = _first_arg(args, kwargs)
+        if tuple(x.shape[:2]) != self.match.shape:
+            # e.g. diffusers' feed-forward chunking calls ``ff`` on slices of the sequence.
+            raise RuntimeError(
+                f"<method=tome> {self.where} got {tuple(x.shape[:2])} tokens, the matching is for "
+                f"{self.match.shape}; disable feed-forward chunking or merge_mlp"
+            )
+        if self.where.endswith("attn1") and kwargs.get("attention_mask") is not None:
+            raise RuntimeError(
+                f"<method=tome> {self.where}: a self-attention mask cannot be merged"
+            )
+        return _replace_first_arg(args, kwargs, self.match.merge(x))
+
+    def post_forward(self, module, output):
+        if self.match.shape is None:
+            return output
+        if isinstance(output, tuple):  # MMDiT joint attention: (image, context)
+            return (self.match.unmerge(output[0]), *output[1:])
+        return self.match.unmerge(output)
+
+
+class ToMe(RuntimeMethod):
+    r"""Token Merging for Stable Diffusion (Bolya & Hoffman 2023), tomesd's placement and defaults.
+
+    Important args:
+        ratio (`float`, defaults to 0.5): fraction of *all* tokens of a merged layer removed by
+            merging (``r = int(N * ratio)``). At most ``1 - 1/(sx*sy)`` (0.75 for 2x2); tomesd's
+            author recommends <= 0.5.
+        max_downsample (`int`, defaults to 1): merge only layers whose token grid is at most this
+            many times smaller than the latent (1, 2, 4 or 8). 1 = highest-resolution attention
+            only, which SDXL does not have: there it patches nothing and ``apply`` raises
+            ``NothingPatchedError`` (tomesd silently does nothing). Use 2 or 4 for SDXL.
+            MMDiT blocks all count as 1.
+
+    Args to tinker with:
+        sx, sy (`int`, defaults to 2): destination cell size; larger cells allow higher ratios.
+        use_rand (`bool`, defaults to True): random destination per cell (off for odd batches,
+            as in tomesd). Turn off if artifacts appear.
+        merge_attn (`bool`, defaults to True): merge for self-attention (recommended).
+        merge_crossattn (`bool`, defaults to False): merge the queries of cross-attention.
+        merge_mlp (`bool`, defaults to False): merge for the feed-forward layer. Needed to reach
+            large FLOPs savings (the AT-EDM budget configs use all three).
+        seed (`int | None`, defaults to None): seed of the random destinations, re-seeded at
+            every trajectory start (reproducible per image). ``None`` = tomesd's behaviour: a fork
+            of the global RNG taken at first use and drawn from ever after.
+        dsap (`dict | None`): denoising-steps-aware schedule (AT-EDM §DSAP, shared
+            :class:`edm.methods.token.dsap.DSAP`): during the first ``early_steps`` steps the
+            exempt blocks (``block_rule``) are not merged and the others use
+            ``early_prune_ratio`` as their merge ratio. ``None``/disabled = constant ratio.
+        name, tag: run bookkeeping.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.5,
+        max_downsample: int = 1,
+        sx: int = 2,
+        sy: int = 2,
+        use_rand: bool = True,
+        merge_attn: bool = True,
+        merge_crossattn: bool = False,
+        merge_mlp: bool = False,
+        seed: int | None = None,
+        dsap: dict | DSAP | None = None,
+        name: str = "tome",
+        tag: str | None = None,
+    ):
+        super().__init__()
+        if not (
+            isinstance(sx, int) and isinstance(sy, int) and sx >= 1 and sy >= 1 and sx * sy > 1
+        ):
+            raise ConfigError("method.sx", f"sx={sx}, sy={sy}: positive ints with sx*sy > 1.")
+        max_ratio = 1 - 1 / (sx * sy)
+        if not 0 <= ratio <= max_ratio:
+            raise ConfigError(
+                "method.ratio", f"{ratio} is outside [0, {max_ratio:g}] for {sx}x{sy} cells."
+            )
+        if max_downsample not in _MAX_DOWNSAMPLE:
+            raise ConfigError("method.max_downsample", f"got {max_downsample}.", _MAX_DOWNSAMPLE)
+        if not (merge_attn or merge_crossattn or merge_mlp):
+            raise ConfigError(
+                "method.merge_attn", "merge_attn, merge_crossattn and merge_mlp are all off."
+            )
+        self.ratio, self.max_downsample, self.sx, self.sy = float(ratio), max_downsample, sx, sy
+        self.use_rand, self.seed = use_rand, seed
+        self.merge_attn, self.merge_crossattn, self.merge_mlp = (
+            merge_attn,
+            merge_crossattn,
+            merge_mlp,
+        )
+        self.dsap = DSAP.from_cfg(dsap)  # None = off
+        early = self.dsap.early_prune_ratio
+        if self.dsap.enabled and early is not None and not 0 <= early <= max_ratio:
+            raise ConfigError("method.dsap.early_prune_ratio", f"outside [0, {max_ratio:g}].")
+        self.name = name
+        self.tag = tag or f"tome-r{ratio:g}"
+        self._run: _Run | None = None
+
+    def _targets(self, layer: nn.Module, arch: str) -> list[tuple[str, nn.Module]]:
+        """The submodules of one transformer layer that run on merged tokens."""
+        picks = [
+            ("attn1" if arch == "unet" else "attn", self.merge_attn),
+            ("attn2", self.merge_attn if arch == "mmdit" else self.merge_crossattn),
+            ("ff", self.merge_mlp),
+        ]
+        return [
+            (n, getattr(layer, n)) for n, on in picks if on and getattr(layer, n, None) is not None
+        ]
+
+    def install(self, pipe, patcher: Patcher, ctx: ApplyContext) -> MethodReport:
+        ad = adapter(ctx.family)
+        denoiser = ad.denoiser(pipe)
+        for _, mod in denoiser.named_modules():
+            registry = getattr(mod, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(_EDM_TOME_HOOK) is not None:
+                raise RuntimeError(
+                    "<method=tome> already applied by another ToMe; remove() it first"
+                )
+        tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
+        patcher.add_handle(tracker)  # undo() calls tracker.remove()
+        run = _Run(tracker=tracker, seed=self.seed)
+        downsample = _downsample_of(denoiser) if ad.arch == "unet" else None
+        patch = getattr(getattr(denoiser, "config", None), "patch_size", 1) or 1
+        layers, skipped = [], []
+        for block in ad.attention_blocks(denoiser):
+            ds = downsample(block) if downsample else 1
+            if ds > self.max_downsample:
+                skipped.append(block.name)
+                log.info(
+                    "<method=tome> skip %s: downsample %d > max_downsample %d",
+                    block.name,
+                    ds,
+                    self.max_downsample,
+                )
+                continue
+            for layer_name, layer in block.layers:
+                targets = self._targets(layer, ad.arch)
+                if not targets:
+                    continue
+                match = _Match()
+                div = ds if downsample else patch
+                patcher.register_hook(
+                    layer, _LayerHook(self, run, block, div, match), _EDM_TOME_HOOK
+                )
+                for sub_name, sub in targets:
+                    where = f"{layer_name}.{sub_name}"
+                    patcher.register_hook(sub, _MergeHook(match, where), _EDM_TOME_HOOK)
+                layers.append(
+                    {"name": layer_name, "downsample": ds, "merged": [n for n, _ in targets]}
+                )
+        self._run = run
+        return MethodReport(
+            name=self.name,
+            kind=self.kind,
+            patched=len(layers),
+            metrics={"ratio": self.ratio, "layers": float(len(layers))},
+            details={"layers": layers, "skipped_blocks": skipped, "dsap": repr(self.dsap)},
+        )
+
+
+def _downsample_of(unet: nn.Module):
+    """``block -> how many times smaller its token grid is than the latent`` for a UNet.
+
+    Read from the structure (down blocks with a downsampler halve the grid, up blocks with an
+    upsampler double it), so the selection is known at ``apply`` and an empty one is an error.
+    """
+    down = [2 if getattr(b, "downsamplers", None) else 1 for b in unet.down_blocks]
+    up = [2 if getattr(b, "upsamplers", None) else 1 for b in unet.up_blocks]
+    mid = math.prod(down)
+
+    def ds(block: AttentionBlock) -> int:
+        if block.stage == "down":
+            return math.prod(down[: block.stage_index])
+        if block.stage == "mid":
+            return mid
+        return mid // math.prod(up[: block.stage_index])
+
+    return ds
+
+
+__all__ = ["ToMe"]

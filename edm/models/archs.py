@@ -1,0 +1,401 @@
+"""Architecture-faithful full-size denoisers with random weights (no download, optionally on meta).
+
+The configs below are the ``unet/config.json`` / ``transformer/config.json`` of the real hub
+repositories (checked against several public copies of those files and against the published
+parameter counts, see ``tests/test_models.py``). They let FLOPs and latency of the *real*
+architectures be measured on a machine without weights:
+
+* on the ``meta`` device nothing is allocated, so FLOPs of SD3.5-large (8 B parameters) are
+  counted in seconds (``edm.eval.flops.meta_denoiser_flops``);
+* on ``cpu`` the weights are random (``N(0, 1/fan_in)``), which is enough for timing.
+
+Known traps, written down because they cost time:
+
+* the diffusers default ``SD3Transformer2DModel()`` is *none* of the released models (18 layers,
+  1152 wide); SD3.5-medium has ``dual_attention_layers`` 0..12 (an extra image-only attention in
+  those blocks), RMS qk-norm and a 384 position-embedding grid; SD3.5-large has qk-norm but no
+  dual attention;
+* SD1.x's ``attention_head_dim: 8`` is really the number of heads (a historic misnomer that
+  diffusers keeps); SD2.x and SDXL give heads per level (``[5, 10, 20, ...]``, 64 channels each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+_SD_UNET_COMMON = dict(
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+
+_SD_MMDIT_COMMON = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    attention_head_dim=64,
+    joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One real denoiser architecture and the conditioning shapes its pipeline feeds it.
+
+    Attributes:
+        name: ``sd15``, ``sd21``, ``sdxl``, ``sd3_medium``, ``sd35_medium``, ``sd35_large``.
+        family: the edm family (``edm.families``) of pipelines using it.
+        cls: ``UNet2DConditionModel`` or ``SD3Transformer2DModel``.
+        config: constructor keyword arguments (the hub ``config.json`` minus bookkeeping keys).
+        resolution: native image side in pixels (the model card's default).
+        text_dims: hidden sizes of the text encoders (CLIP-L, OpenCLIP-H/bigG; T5 for SD3).
+        context_len: text tokens the denoiser attends to (77 for UNets; 77 CLIP + 256 T5 for
+            SD3 pipelines; without T5 the pipeline feeds 256 zero tokens instead, so the
+            denoiser still sees 333 unless ``max_sequence_length`` is lowered).
+        pooled_dim: pooled text embedding size (SDXL ``text_embeds``; SD3 ``pooled_projections``).
+        params: the published parameter count of the denoiser (rounded as published).
+        params_rtol: relative tolerance of ``params`` (rounding of the published figure).
+        params_note: where ``params`` comes from.
+        params_with_pos_embed: the published figure also counts the sin-cos position table,
+            which diffusers keeps as a buffer (SD3.5-medium).
+    """
+
+    name: str
+    family: str
+    cls: str
+    config: dict[str, Any]
+    resolution: int
+    text_dims: tuple[int, ...]
+    context_len: int = 77
+    pooled_dim: int = 0
+    params: float = 0.0
+    params_rtol: float = 0.002
+    params_note: str = ""
+    params_with_pos_embed: bool = False
+
+    @property
+    def is_unet(self) -> bool:
+        return self.cls == "UNet2DConditionModel"
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "sd15": ArchSpec(
+        name="sd15",
+        family="sd15",
+        cls="UNet2DConditionModel",
+        config=dict(
+            _SD_UNET_COMMON,
+            sample_size=64,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=8,  # = 8 heads (see module docstring)
+            cross_attention_dim=768,
+        ),
+        resolution=512,
+        text_dims=(768,),
+        params=859.52e6,
+        params_note="SD1.5 UNet, 859.52 M",
+    ),
+    "sd21": ArchSpec(
+        name="sd21",
+        family="sd21",
+        cls="UNet2DConditionModel",
+        config=dict(
+            _SD_UNET_COMMON,
+            sample_size=64,  # 2.1-base (512 px); the 768 px v-model uses 96
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+        ),
+        resolution=512,
+        text_dims=(1024,),
+        params=865.9e6,
+        params_note="SD2.x UNet, 865.9 M",
+    ),
+    "sdxl": ArchSpec(
+        name="sdxl",
+        family="sdxl",
+        cls="UNet2DConditionModel",
+        config=dict(
+            _SD_UNET_COMMON,
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            # 1280 pooled OpenCLIP-bigG + 6 micro-conditioning ids x 256
+            projection_class_embeddings_input_dim=2816,
+        ),
+        resolution=1024,
+        text_dims=(768, 1280),
+        pooled_dim=1280,
+        params=2.567e9,
+        params_note="SDXL UNet, 2.567 B (SDXL report; OBS-Diff Table 3: 2.57 B)",
+    ),
+    "sd3_medium": ArchSpec(
+        name="sd3_medium",
+        family="sd3",
+        cls="SD3Transformer2DModel",
+        config=dict(
+            _SD_MMDIT_COMMON,
+            num_layers=24,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=192,
+        ),
+        resolution=1024,
+        text_dims=(768, 1280, 4096),
+        context_len=77 + 256,
+        pooled_dim=2048,
+        params=2.03e9,
+        params_note="OBS-Diff Table 9: 2.03 B",
+    ),
+    "sd35_medium": ArchSpec(
+        name="sd35_medium",
+        family="sd3",
+        cls="SD3Transformer2DModel",
+        config=dict(
+            _SD_MMDIT_COMMON,
+            num_layers=24,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=384,
+            qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)),
+        ),
+        resolution=1024,
+        text_dims=(768, 1280, 4096),
+        context_len=77 + 256,
+        pooled_dim=2048,
+        # 2.243 B parameters + a 384x384x1536 sin-cos table (226 M) that the checkpoint
+        # stores as a tensor and diffusers as a buffer: 2.47 B, marketed as "2.5 B".
+        params=2.5e9,
+        params_rtol=0.02,
+        params_note="Stability AI: 2.5 B, counting the 226 M pos-embed table",
+        params_with_pos_embed=True,
+    ),
+    "sd35_large": ArchSpec(
+        name="sd35_large",
+        family="sd3",
+        cls="SD3Transformer2DModel",
+        config=dict(
+            _SD_MMDIT_COMMON,
+            num_layers=38,
+            num_attention_heads=38,
+            caption_projection_dim=2432,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        ),
+        resolution=1024,
+        text_dims=(768, 1280, 4096),
+        context_len=77 + 256,
+        pooled_dim=2048,
+        params=8.06e9,
+        params_note="OBS-Diff Table 4: 8.06 B (Stability AI: 8 B)",
+    ),
+}
+
+
+def arch_spec(name: str) -> ArchSpec:
+    """The :class:`ArchSpec` called ``name``; raises ``ConfigError`` listing the known ones."""
+    if name not in ARCHS:
+        from edm.errors import ConfigError
+
+        raise ConfigError("model.loader.arch", f"unknown architecture {name!r}.", list(ARCHS))
+    return ARCHS[name]
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+    """Replace meta parameters by random ones on ``device`` (std ``1/sqrt(fan_in)``, norms = 1).
+
+    Drawing 2.6 B normals takes minutes on one core, so weights are tiled from one block of
+    ``_RANDOM_BLOCK`` (a prime, so rows of a matrix do not repeat) seeded normals: memory-bound
+    copies. Good enough for timing (finite activations at a sane scale); never for quality.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(_RANDOM_BLOCK, generator=gen)
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            if p.dim() >= 2:
+                scaled = (block * p[0].numel() ** -0.5).to(dtype)
+                t = torch.empty(p.numel(), dtype=dtype)
+                for start in range(0, p.numel(), _RANDOM_BLOCK):  # one write pass, no temporaries
+                    chunk = t[start : start + _RANDOM_BLOCK]
+                    chunk.copy_(scaled[: chunk.numel()])
+                t = t.view(p.shape)
+            elif name == "weight":  # norm scales
+                t = torch.ones(p.shape, dtype=dtype)
+            else:
+                t = torch.zeros(p.shape, dtype=dtype)
+            mod._parameters[name] = nn.Parameter(t.to(device), requires_grad=False)
+    nn.Module.to(module, device=device, dtype=dtype)  # buffers
+    return module
+
+
+_RANDOM_BLOCK = 1_000_003
+
+
+def build_denoiser(
+    arch: str | ArchSpec,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> nn.Module:
+    """Build the full-size denoiser of ``arch`` with random weights.
+
+    Args:
+        arch: a key of :data:`ARCHS` (``sd15``, ``sd21``, ``sdxl``, ``sd3_medium``,
+            ``sd35_medium``, ``sd35_large``) or an :class:`ArchSpec`.
+        device: ``meta`` (default: no memory, for FLOPs and parameter counts) or a real device
+            (random weights, for latency). SDXL needs 10 GB in fp32 / 5 GB in bf16 on ``cpu``.
+        dtype: parameter dtype.
+        seed: seed of the random weights.
+    """
+    import diffusers
+    from accelerate import init_empty_weights
+
+    spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
+    cls = getattr(diffusers, spec.cls)
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):  # everything on meta, buffers included: instant, no memory
+            model = cls(**spec.config)
+        model.eval().requires_grad_(False)
+        # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules (none here).
+        return nn.Module.to(model, dtype=dtype)
+    # Parameters on meta, buffers real: buffers such as SD3's sin-cos position table are
+    # computed in __init__, so materialize() only has to fill parameters.
+    with init_empty_weights(include_buffers=False):
+        model = cls(**spec.config)
+    model.eval().requires_grad_(False)
+    return materialize(model, device, dtype, seed)
+
+
+def sample_inputs(
+    arch: str | ArchSpec,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    context_len: int | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of one denoiser call as the real pipeline makes it.
+
+    Args:
+        arch: architecture name or spec.
+        height, width: image size in pixels (default: the model's native resolution); the
+            latent is 8x smaller.
+        batch_size: denoiser batch (with classifier-free guidance the pipelines batch the
+            unconditional and conditional halves, so a CFG step of one image is ``2``).
+        context_len: text tokens; default 77 for UNets and 77 + 256 for SD3 (CLIP + T5 with
+            ``max_sequence_length=256``, also without T5: zeros then). OBS-Diff's SD3 TFLOPs
+            use 77 (see ``edm.eval.flops``).
+    """
+    spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
+    h, w = (height or spec.resolution) // 8, (width or spec.resolution) // 8
+    n_ctx = context_len or spec.context_len
+    kw = dict(device=device, dtype=dtype)
+    channels = spec.config["in_channels"]
+    sample = torch.zeros(batch_size, channels, h, w, **kw)
+    timestep = torch.full((batch_size,), 500.0, **kw)
+    if spec.is_unet:
+        ctx = torch.zeros(batch_size, n_ctx, spec.config["cross_attention_dim"], **kw)
+        out = dict(sample=sample, timestep=timestep, encoder_hidden_states=ctx)
+        if spec.config.get("addition_embed_type") == "text_time":
+            out["added_cond_kwargs"] = dict(
+                text_embeds=torch.zeros(batch_size, spec.pooled_dim, **kw),
+                time_ids=torch.zeros(batch_size, 6, **kw),
+            )
+        return out
+    ctx = torch.zeros(batch_size, n_ctx, spec.config["joint_attention_dim"], **kw)
+    return dict(
+        hidden_states=sample,
+        timestep=timestep,
+        encoder_hidden_states=ctx,
+        pooled_projections=torch.zeros(batch_size, spec.pooled_dim, **kw),
+    )
+
+
+def full_pipeline(
+    arch: str | ArchSpec,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A diffusers pipeline around the full-size denoiser of ``arch`` (random weights).
+
+    Only the denoiser is real-sized. Text encoders are 1-layer CLIP stand-ins with the real
+    hidden sizes (so the denoiser gets real context shapes: 77 x 768 for SD1.5, 77 x 2048 plus a
+    1280 pooled vector for SDXL...), the VAE is a small stand-in with the real latent channels
+    and 8x downsampling, and SD3 runs without T5 (256 zero tokens in its place). Use it for
+    latency and FLOPs of the denoiser, never for image quality.
+
+    Args:
+        arch: architecture name or spec (see :data:`ARCHS`).
+        device: ``meta`` (no memory; denoiser FLOPs via ``edm.eval.flops``) or a real device.
+        dtype: dtype of every component.
+        seed: weight seed.
+    """
+    import diffusers
+
+    from edm.models.tiny import _tokenizer, clip_text_encoder, default_scheduler, tiny_vae
+
+    spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
+    denoiser = build_denoiser(spec, device=device, dtype=dtype, seed=seed)
+    dims = spec.text_dims
+
+    on_meta = torch.device(device).type == "meta"
+
+    def te(i: int, projection: bool):
+        # On meta, build the stand-ins there too: a 49408 x 1280 embedding is not free on CPU.
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            return clip_text_encoder(
+                dims[i], projection_dim=dims[i] if projection else None, num_layers=1,
+                intermediate_size=64, seed=seed + 10 + i,
+            )
+
+    common = dict(scheduler=default_scheduler(spec.family), tokenizer=_tokenizer())
+    if spec.family in ("sd15", "sd21"):
+        pipe = diffusers.StableDiffusionPipeline(
+            unet=denoiser, vae=tiny_vae(4, levels=4, seed=seed + 1), text_encoder=te(0, False),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common,
+        )
+    elif spec.family == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            unet=denoiser, vae=tiny_vae(4, levels=4, seed=seed + 1), text_encoder=te(0, False),
+            text_encoder_2=te(1, True), tokenizer_2=_tokenizer("!"), **common,
+        )
+    else:
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=denoiser, vae=tiny_vae(16, levels=4, sd3=True, seed=seed + 1),
+            text_encoder=te(0, True), text_encoder_2=te(1, True), tokenizer_2=_tokenizer("!"),
+            text_encoder_3=None, tokenizer_3=None, **common,
+        )
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            nn.Module.to(module, device=device, dtype=dtype)
+    pipe.edm_family = spec.family
+    return pipe

@@ -1,0 +1,298 @@
+"""Tiny random-weight pipelines of each family, built offline from configs (tests and debug runs).
+
+They are small enough to build in milliseconds and to run 2 steps in well under a second on a
+CPU, yet keep the structure the methods depend on:
+
+* ``tiny_sd15``: cross-attention at the two highest-resolution levels, a plain last level, a
+  mid block with attention, 2 ResNets per down block (3 per up block) as in SD1.5;
+* ``tiny_sdxl``: no attention at the highest-resolution level, 2 transformer layers per
+  attention block at the lower levels and in the mid block (``transformer_layers_per_block``
+  > 1, so "prune after the first layer" has a place to act), two text encoders, the
+  ``text_time`` added embedding (pooled text + 6 micro-conditioning ids);
+* ``tiny_sd3``: an MMDiT with 3 joint blocks (the last is ``context_pre_only``; a middle one
+  exists for "exclude first and last block" rules), two CLIP encoders and
+  ``text_encoder_3=None`` (T5 dropped: the pipeline feeds zeros for its 256 tokens).
+
+All use the real CLIP tokenizer (``edm.models.tokenizers``, 77 tokens, no download) and a
+2-level VAE (latent = image / 2), so a 32x32 image has a 16x16 latent. Construction is seeded
+and does not touch the global RNG.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from edm.models.tokenizers import VOCAB_SIZE, clip_tokenizer
+
+# OpenCLIP (SDXL/SD3 second encoder) pads with "!" (id 0); CLIP-L pads with <|endoftext|>.
+_OPENCLIP_PAD = "!"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(pad_token: str | None = None):
+    # Building the 49k-token BPE takes ~0.15 s; pipelines never mutate their tokenizers, so
+    # tiny pipelines share one per padding convention.
+    return clip_tokenizer(pad_token=pad_token) if pad_token else clip_tokenizer()
+
+
+def clip_text_encoder(
+    hidden_size: int,
+    projection_dim: int | None = None,
+    num_layers: int = 2,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+):
+    """A random CLIP text encoder on the real vocabulary (77 positions).
+
+    Args:
+        hidden_size: width; stand-ins for full-size pipelines use the real one (768 CLIP-L,
+            1024 OpenCLIP-H, 1280 OpenCLIP-bigG) so the denoiser sees real context shapes.
+        projection_dim: if given, a ``CLIPTextModelWithProjection`` (pooled ``text_embeds`` of
+            this size, used by SDXL's second encoder and both SD3 encoders).
+        num_layers: transformer layers; SDXL reads ``hidden_states[-2]``.
+        intermediate_size: MLP width (default ``4 * hidden_size``).
+        seed: weight seed.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=max(1, hidden_size // 64) if hidden_size >= 64 else 2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim or hidden_size,
+        bos_token_id=VOCAB_SIZE - 2,
+        eos_token_id=VOCAB_SIZE - 1,  # pooled output = hidden state at the first EOS
+        pad_token_id=VOCAB_SIZE - 1,
+    )
+    cls = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(cfg).eval()
+
+
+def tiny_vae(latent_channels: int = 4, levels: int = 2, sd3: bool = False, seed: int = 0):
+    """A small ``AutoencoderKL``; ``levels`` blocks give a ``2**(levels-1)`` downsampling factor."""
+    from diffusers import AutoencoderKL
+
+    extra: dict[str, Any] = {}
+    if sd3:  # SD3's VAE: 16 channels, shift + scale, no (post-)quant conv
+        extra = dict(
+            shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=(8,) * levels,
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=4,
+            sample_size=32,
+            **extra,
+        ).eval()
+
+
+def default_scheduler(family: str):
+    """The scheduler each family's tiny/full-size stand-in uses (a config YAML may override it).
+
+    SD1.5 ships PNDM, whose PLMS warm-up calls the UNet ``steps + 1`` times; DDIM keeps one call
+    per step, which the tests rely on. SDXL base ships Euler (leading spacing); SD3 flow-match
+    Euler with shift 3.
+    """
+    import diffusers
+
+    name, kwargs = _SCHEDULERS[family]
+    return getattr(diffusers, name)(**kwargs)
+
+
+_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+_SCHEDULERS = {
+    "sd15": ("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
+    "sd21": ("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
+    "sdxl": ("EulerDiscreteScheduler", dict(_SD_BETAS, timestep_spacing="leading")),
+    "sd3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+}
+
+
+def _seeded(seed: int, fn, **kwargs):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(**kwargs).eval()
+
+
+def tiny_sd15(seed: int = 0):
+    """Tiny ``StableDiffusionPipeline`` (SD1.5 structure, DDIM scheduler, no safety checker)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = _seeded(
+        seed,
+        UNet2DConditionModel,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,  # SD1.x semantics: number of heads
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=tiny_vae(4, seed=seed + 1),
+        text_encoder=clip_text_encoder(32, seed=seed + 2),
+        tokenizer=_tokenizer(),
+        scheduler=default_scheduler("sd15"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.edm_family = "sd15"
+    return pipe
+
+
+def tiny_sdxl(seed: int = 0):
+    """Tiny ``StableDiffusionXLPipeline`` (SDXL structure, Euler scheduler as in SDXL base)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    te1_dim, te2_dim, time_dim = 32, 32, 8
+    unet = _seeded(
+        seed,
+        UNet2DConditionModel,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(1, 2, 4),  # heads per level, as SDXL's [5, 10, 20]
+        cross_attention_dim=te1_dim + te2_dim,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + te2_dim,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=tiny_vae(4, seed=seed + 1),
+        text_encoder=clip_text_encoder(te1_dim, seed=seed + 2),
+        text_encoder_2=clip_text_encoder(te2_dim, projection_dim=te2_dim, seed=seed + 3),
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(_OPENCLIP_PAD),
+        scheduler=default_scheduler("sdxl"),
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.edm_family = "sdxl"
+    return pipe
+
+
+def tiny_sd3(
+    seed: int = 0,
+    num_layers: int = 3,
+    qk_norm: str | None = None,
+    dual_attention_layers: tuple[int, ...] = (),
+):
+    """Tiny ``StableDiffusion3Pipeline`` (MMDiT, flow matching, ``text_encoder_3=None``).
+
+    Args:
+        seed: weight seed.
+        num_layers: joint blocks; >= 2 so context-branch linears (``attn.to_add_out``,
+            ``ff_context``) exist (the last block is ``context_pre_only``). Default 3.
+        qk_norm: ``"rms_norm"`` for SD3.5-style blocks; ``None`` as in SD3-medium.
+        dual_attention_layers: SD3.5-medium's extra image-only attention (``attn2``) blocks.
+    """
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    te_dim = 32
+    transformer = _seeded(
+        seed,
+        SD3Transformer2DModel,
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        # the pipeline pads the two CLIP embeddings (2 x 32) up to T5's width, as 2048 -> 4096
+        joint_attention_dim=96,
+        caption_projection_dim=32,  # must equal heads x head_dim
+        pooled_projection_dim=2 * te_dim,
+        pos_embed_max_size=32,
+        qk_norm=qk_norm,
+        dual_attention_layers=tuple(dual_attention_layers),
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=tiny_vae(16, sd3=True, seed=seed + 1),
+        text_encoder=clip_text_encoder(te_dim, projection_dim=te_dim, seed=seed + 2),
+        text_encoder_2=clip_text_encoder(te_dim, projection_dim=te_dim, seed=seed + 3),
+        text_encoder_3=None,
+        tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(_OPENCLIP_PAD),
+        tokenizer_3=None,
+        scheduler=default_scheduler("sd3"),
+    )
+    pipe.edm_family = "sd3"
+    return pipe
+
+
+TINY_BUILDERS = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
+
+
+class TinyPipeline:
+    """Loader of ``conf/model/tiny_*.yaml``: a tiny random-weight pipeline, no download.
+
+    Args:
+        kind: ``sd15``, ``sdxl`` or ``sd3`` (which builder of this module).
+        seed: weight seed (the same seed gives the same weights on every machine).
+        scheduler: optional diffusers scheduler class name replacing the default (as for
+            :class:`edm.models.zoo.HubPipeline`), e.g. ``PNDMScheduler`` to mimic SD1.5.
+        **builder_kwargs: passed to the builder (``tiny_sd3``: ``num_layers``, ``qk_norm``,
+            ``dual_attention_layers``).
+    """
+
+    def __init__(self, kind: str, seed: int = 0, scheduler: str | None = None, **builder_kwargs):
+        from edm.errors import ConfigError
+        from edm.models.zoo import _scheduler_class
+
+        if kind not in TINY_BUILDERS:
+            raise ConfigError("model.loader.kind", f"unknown tiny model {kind!r}.", list(TINY_BUILDERS))
+        try:
+            inspect.signature(TINY_BUILDERS[kind]).bind(seed=seed, **builder_kwargs)
+        except TypeError as err:
+            raise ConfigError("model.loader", f"bad arguments for tiny_{kind}: {err}.") from None
+        self.kind, self.seed, self.scheduler = kind, seed, scheduler
+        self.builder_kwargs = builder_kwargs
+        _scheduler_class(scheduler)
+
+    def check(self) -> None:
+        """Nothing to fetch: weights are random, the tokenizer comes from open_clip's package."""
+
+    def load(self, family: str, dtype, device):
+        from edm.errors import ConfigError
+        from edm.models.zoo import _set_scheduler, to_dtype
+
+        if family != self.kind:
+            raise ConfigError("model.family", f"tiny_{self.kind} is family {self.kind!r}, got {family!r}.", [self.kind])
+        pipe = TINY_BUILDERS[self.kind](seed=self.seed, **self.builder_kwargs)
+        _set_scheduler(pipe, self.scheduler)
+        pipe = pipe.to(device=device, dtype=to_dtype(dtype))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.edm_family = family
+        return pipe

@@ -1,0 +1,275 @@
+"""Model loaders: the ``model.loader`` node of ``conf/model/*.yaml``.
+
+Every loader is built by Hydra before anything heavy happens and offers two calls:
+
+* ``check()`` -- pre-flight, run before any generation work: raises
+  :class:`~edm.errors.MissingWeightsError` (naming the repo id and how to fetch it) when the
+  weights are not on this machine. Never downloads.
+* ``load(family, dtype, device) -> pipe`` -- builds the pipeline, moves it to ``device`` and
+  sets ``pipe.edm_family`` (what ``edm.families.adapter`` reads).
+
+Loaders: :class:`HubPipeline` (real weights from the local Hugging Face cache or a local folder),
+:class:`edm.models.tiny.TinyPipeline` (tiny random weights) and :class:`FullSizePipeline`
+(architecture-faithful random weights, for FLOPs and latency).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from edm.errors import ConfigError, MissingWeightsError
+from edm.families import FAMILIES
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# diffusers pipeline class per family (SD2.1 and SD1.5 share one).
+PIPELINE_CLASSES = {
+    "sd15": "StableDiffusionPipeline",
+    "sd21": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+}
+
+# model_index.json entries that are not components (or hold no weights we need).
+_NOT_WEIGHTS = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor")
+
+
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``/``"fp16"``/``"bf16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError("model.dtype", f"unknown dtype {dtype!r}.", list(DTYPES))
+    return DTYPES[dtype]
+
+
+def _check_family(family: str, allowed=FAMILIES) -> None:
+    if family not in allowed:
+        raise ConfigError("model.family", f"unknown family {family!r}.", allowed)
+
+
+def _scheduler_class(name: str | None):
+    """Validate a scheduler override (a diffusers class name such as ``DPMSolverMultistepScheduler``)."""
+    if name is None:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        allowed = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
+        raise ConfigError("model.loader.scheduler", f"unknown scheduler {name!r}.", allowed)
+    return cls
+
+
+def _set_scheduler(pipe, name: str | None) -> None:
+    cls = _scheduler_class(name)
+    if cls is not None:
+        # from_config keeps the model's betas / timestep spacing / prediction type.
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        log.info("Scheduler overridden <model.loader.scheduler=%s>", name)
+
+
+class HubPipeline:
+    """A real diffusers pipeline from the local Hugging Face cache or a local folder.
+
+    Args:
+        repo_id: hub id, e.g. ``stabilityai/stable-diffusion-xl-base-1.0``.
+        path: a local folder holding the pipeline (``model_index.json`` + component folders);
+            overrides ``repo_id`` when set (``model.loader.path=/local/folder``).
+        variant: weight file variant to prefer (``fp16`` for repos that ship
+            ``*.fp16.safetensors``; ``None`` otherwise).
+        revision: hub revision (branch, tag or commit) of the cached snapshot; default ``main``.
+        scheduler: optional diffusers scheduler class name replacing the model's default
+            (built ``from_config`` of the default, so betas and spacing are kept).
+        drop_t5: SD3 only: load without T5 (``text_encoder_3=None``); the pipeline then feeds
+            ``max_sequence_length`` (256) zero tokens in its place, so the denoiser cost is
+            unchanged. Saves ~9 GB (fp16) and changes image quality, so name the model
+            accordingly (``sd35m-noT5``).
+        safety_checker: SD1.x/2.x only: keep the NSFW checker (it blacks out flagged images,
+            which corrupts FID); off by default.
+        gated: the repo needs its licence accepted on the hub (SD3 / SD3.5); only changes the
+            error message.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        path: str | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        scheduler: str | None = None,
+        drop_t5: bool = False,
+        safety_checker: bool = False,
+        gated: bool = False,
+    ):
+        self.repo_id = repo_id
+        self.path = path
+        self.variant = variant
+        self.revision = revision
+        self.scheduler = scheduler
+        self.drop_t5 = bool(drop_t5)
+        self.safety_checker = bool(safety_checker)
+        self.gated = bool(gated)
+        _scheduler_class(scheduler)  # fail at instantiation, before any loading
+
+    # -- pre-flight ---------------------------------------------------------------------------
+    def _skipped(self) -> set[str]:
+        skipped = set()
+        if self.drop_t5:
+            skipped |= {"text_encoder_3", "tokenizer_3"}
+        if not self.safety_checker:
+            skipped |= {"safety_checker", "feature_extractor"}
+        return skipped
+
+    def _how_to_fetch(self, reason: str) -> str:
+        excl = ' --exclude "text_encoder_3/*" "tokenizer_3/*"' if self.drop_t5 else ""
+        lines = [
+            f"Weights of {self.repo_id!r} are not available offline: {reason}",
+            "edm never downloads at run time. Pre-fetch them once on a machine with network:",
+            f"    hf download {self.repo_id}{excl}",
+            f"    (older huggingface_hub: huggingface-cli download {self.repo_id}{excl})",
+            "into the cache this job will read (HF_HOME, default ~/.cache/huggingface; set "
+            "HF_HOME to a shared path on clusters), or point the config at a local copy:",
+            "    python run.py model=... model.loader.path=/local/folder",
+        ]
+        if self.gated:
+            lines.append(
+                f"{self.repo_id} is a gated model: accept its licence on "
+                f"https://huggingface.co/{self.repo_id} and log in (hf auth login) before "
+                "downloading."
+            )
+        return "\n".join(lines)
+
+    def _root(self) -> Path:
+        if self.path:
+            root = Path(self.path).expanduser()
+            if not root.is_dir():
+                raise MissingWeightsError(self._how_to_fetch(f"model.loader.path={root} does not exist."))
+            return root
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(
+                snapshot_download(self.repo_id, revision=self.revision, local_files_only=True)
+            )
+        except (LocalEntryNotFoundError, OSError, ValueError) as err:
+            raise MissingWeightsError(
+                self._how_to_fetch(f"no snapshot in the local Hugging Face cache ({err}).")
+            ) from None
+
+    def check(self) -> Path:
+        """Raise ``MissingWeightsError`` unless every needed component is on disk; return its folder.
+
+        Reads ``model_index.json`` and checks that each component folder the pipeline will load
+        exists, with a config and weight files (every shard of a sharded checkpoint). Files only
+        count if they resolve (the cache's symlinks point into ``blobs/``; an interrupted download
+        leaves no link).
+        """
+        root = self._root()
+        index = root / "model_index.json"
+        if not index.is_file():
+            raise MissingWeightsError(self._how_to_fetch(f"{index} is missing."))
+        missing = []
+        for name, spec in json.loads(index.read_text()).items():
+            if name.startswith("_") or name in self._skipped() or not isinstance(spec, list):
+                continue
+            if spec[0] is None or spec[1] is None:  # optional component not shipped
+                continue
+            folder = root / name
+            files = [f for f in folder.glob("*") if f.exists()] if folder.is_dir() else []
+            if not files:
+                missing.append(f"{name}/")
+                continue
+            if any(k in spec[1] for k in _NOT_WEIGHTS):
+                continue
+            missing += [f"{name}/{m}" for m in _missing_weight_files(folder)]
+        if missing:
+            raise MissingWeightsError(
+                self._how_to_fetch(f"missing or incomplete in {root}: {', '.join(missing)}.")
+            )
+        return root
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(self, family: str, dtype: str | torch.dtype, device: str | torch.device):
+        """Load the pipeline with ``from_pretrained(local_files_only=True)``; sets ``edm_family``."""
+        import diffusers
+
+        _check_family(family, tuple(PIPELINE_CLASSES))
+        root = self.check()
+        cls = getattr(diffusers, PIPELINE_CLASSES[family])
+        kwargs: dict = dict(torch_dtype=to_dtype(dtype), local_files_only=True)
+        if self.variant:
+            kwargs["variant"] = self.variant
+        if family == "sd3" and self.drop_t5:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        if family in ("sd15", "sd21") and not self.safety_checker:
+            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        log.info("Loading %s from %s <model.loader.repo_id=%s>", cls.__name__, root, self.repo_id)
+        pipe = cls.from_pretrained(str(root), **kwargs)
+        _set_scheduler(pipe, self.scheduler)
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)  # the runner shows its own progress
+        pipe.edm_family = family
+        return pipe
+
+
+def _missing_weight_files(folder: Path) -> list[str]:
+    """Names of what a model component folder lacks: its config, or (any of) its weights."""
+    missing = [] if (folder / "config.json").exists() else ["config.json"]
+    indexes = [f for f in folder.glob("*.index.json") if f.exists()]
+    for idx in indexes:  # sharded: every listed shard must be there
+        shards = set(json.loads(idx.read_text()).get("weight_map", {}).values())
+        missing += sorted(s for s in shards if not (folder / s).exists())
+    weights = [
+        f for f in folder.iterdir()
+        if f.suffix in (".safetensors", ".bin") and f.exists()
+    ]
+    if not weights:
+        missing.append("*.safetensors")
+    return missing
+
+
+class FullSizePipeline:
+    """Architecture-faithful pipeline with random weights (no download), for FLOPs and latency.
+
+    The denoiser is the real architecture at full size (``edm.models.archs``); the text encoders
+    are 1-layer stand-ins with the *real hidden sizes* and the VAE a small stand-in with the real
+    latent channels and 8x downsampling, because only the denoiser is measured. SD3 pipelines
+    run without T5 (the pipeline feeds 256 zero tokens in its place: same denoiser cost).
+
+    Args:
+        arch: ``sd15``, ``sd21``, ``sdxl``, ``sd3_medium``, ``sd35_medium``, ``sd35_large``.
+        device: ``meta`` (no memory: parameter counts, and FLOPs with
+            ``edm.eval.flops.meta_denoiser_flops``) or ``None`` to use the run's device
+            (random weights; SDXL needs ~5 GB in bf16).
+        seed: weight seed.
+    """
+
+    def __init__(self, arch: str, device: str | None = None, seed: int = 0):
+        from edm.models.archs import arch_spec
+
+        self.spec = arch_spec(arch)
+        if device not in (None, "meta", "cpu", "cuda") and not str(device).startswith("cuda:"):
+            raise ConfigError("model.loader.device", f"unknown device {device!r}.", ["meta", "cpu", "cuda", None])
+        self.device = device
+        self.seed = seed
+
+    def check(self) -> None:
+        """Nothing to fetch (random weights)."""
+
+    def load(self, family: str, dtype: str | torch.dtype, device: str | torch.device):
+        from edm.models.archs import full_pipeline
+
+        _check_family(family, (self.spec.family,))
+        device = self.device or device
+        pipe = full_pipeline(self.spec, device=device, dtype=to_dtype(dtype), seed=self.seed)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.edm_family = family
+        return pipe
