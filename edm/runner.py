@@ -24,7 +24,7 @@ from edm.errors import MissingWeightsError
 from edm.eval.base import ImageSet, image_path
 from edm.generate import generate, time_batches
 from edm.io import write_json, write_text
-from edm.methods.base import ApplyContext, Method
+from edm.methods.base import ApplyContext, Method, MethodReport
 from edm.validate import resolve_device, resolve_dtype, validate
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,56 @@ def _provenance(cfg: DictConfig) -> dict:
     return {"choices": choices, "overrides": overrides, "config": flat}
 
 
+def _load_apply_generate(cfg, method, loader, items, gen, images_dir, device, dtype, calib,
+                         out_dir, metrics) -> MethodReport:
+    """Steps 2-3 of the run: load, apply the method, generate; fills ``metrics`` in place."""
+    family = cfg.model.family
+    # 2. Load the pipeline and apply the method.
+    log.info("Loading <model=%s> (%s, %s, %s)", cfg.model.name, family, dtype, device)
+    pipe = loader.load(family=family, dtype=dtype, device=device)
+    if cfg.model.get("pruned_from"):
+        from edm.methods.weight.io import apply_pruned_from
+
+        apply_pruned_from(pipe, cfg.model.pruned_from)
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    dense = perf.param_stats(denoiser)
+    ctx = ApplyContext(family=family, device=device, dtype=dtype, seed=int(cfg.seed),
+                       output_dir=out_dir, gen=gen, calib=calib,
+                       train_data=getattr(loader, "train_data", None))
+    perf.reset_peak_memory(device)
+    t0 = time.perf_counter()
+    report = method.apply(pipe, ctx)
+    metrics["method/apply_seconds"] = time.perf_counter() - t0
+    metrics.update(report.scalars())
+    write_json(out_dir / "method_report.json", {
+        "name": report.name, "kind": report.kind, "patched": report.patched,
+        "sparsity": report.sparsity, "metrics": report.metrics, "details": report.details})
+    pruned = perf.param_stats(denoiser)
+    metrics.update({f"perf/{k}": v for k, v in pruned.items()})
+    metrics["perf/dense_params_m"] = dense["params_m"]
+
+    # 3. Generate (resumable, sharded).
+    write_text(out_dir / ("prompts.jsonl" if gen["num_shards"] == 1 else
+                          f"prompts.shard{gen['shard']:03d}-of-{gen['num_shards']:03d}.jsonl"),
+               "".join(it.to_json() + "\n" for it in items))
+    stats = generate(pipe, items, gen, images_dir, device, warmup=gen["warmup"],
+                     progress=gen["progress"])
+    if stats.timed_images == 0 and cfg.perf.latency_batches > 0:
+        timed = time_batches(pipe, items, gen, device, int(cfg.perf.latency_batches))
+        stats.timed_images, stats.timed_seconds = timed.timed_images, timed.timed_seconds
+    if stats.sec_per_image is not None:
+        metrics["perf/sec_per_image"] = stats.sec_per_image
+    metrics["perf/images_generated"] = float(stats.generated)
+    metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(device).items()})
+    if cfg.perf.flops and items:
+        try:
+            metrics.update({f"perf/{k}": v for k, v in perf.flops_per_step(pipe, items[0], gen).items()})
+        except ImportError as e:  # pragma: no cover - flops module missing
+            log.warning("FLOPs not measured: %s", e)
+
+    return report
+
+
 def run(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
@@ -153,55 +203,23 @@ def run(cfg: DictConfig) -> float:
         if logger is not None:
             logger.start(OmegaConf.to_container(cfg, resolve=True), out_dir, job_type=method.kind)
 
-        # 2. Load the pipeline and apply the method.
-        log.info("Loading <model=%s> (%s, %s, %s)", cfg.model.name, family, dtype, device)
-        pipe = loader.load(family=family, dtype=dtype, device=device)
-        if cfg.model.get("pruned_from"):
-            from edm.methods.weight.io import apply_pruned_from
-
-            apply_pruned_from(pipe, cfg.model.pruned_from)
-        denoiser = getattr(pipe, "transformer", None) or pipe.unet
-        dense = perf.param_stats(denoiser)
-        ctx = ApplyContext(family=family, device=device, dtype=dtype, seed=int(cfg.seed),
-                           output_dir=out_dir, gen=gen, calib=calib,
-                           train_data=getattr(loader, "train_data", None))
-        perf.reset_peak_memory(device)
-        t0 = time.perf_counter()
-        report = method.apply(pipe, ctx)
-        metrics["method/apply_seconds"] = time.perf_counter() - t0
-        metrics.update(report.scalars())
-        write_json(out_dir / "method_report.json", {
-            "name": report.name, "kind": report.kind, "patched": report.patched,
-            "sparsity": report.sparsity, "metrics": report.metrics, "details": report.details})
-        pruned = perf.param_stats(denoiser)
-        metrics.update({f"perf/{k}": v for k, v in pruned.items()})
-        metrics["perf/dense_params_m"] = dense["params_m"]
-
-        # 3. Generate (resumable, sharded).
+        report = None
         if gen["enabled"]:
-            write_text(out_dir / ("prompts.jsonl" if gen["num_shards"] == 1 else
-                                  f"prompts.shard{gen['shard']:03d}-of-{gen['num_shards']:03d}.jsonl"),
-                       "".join(it.to_json() + "\n" for it in items))
-            stats = generate(pipe, items, gen, images_dir, device, warmup=gen["warmup"],
-                             progress=gen["progress"])
-            if stats.timed_images == 0 and cfg.perf.latency_batches > 0:
-                stats = time_batches(pipe, items, gen, device, int(cfg.perf.latency_batches))
-            if stats.sec_per_image is not None:
-                metrics["perf/sec_per_image"] = stats.sec_per_image
-            metrics["perf/images_generated"] = float(stats.generated)
-        metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(device).items()})
-        if cfg.perf.flops and items:
-            try:
-                metrics.update({f"perf/{k}": v for k, v in perf.flops_per_step(pipe, items[0], gen).items()})
-            except ImportError as e:  # pragma: no cover - flops module missing
-                log.warning("FLOPs not measured: %s", e)
+            report = _load_apply_generate(cfg, method, loader, items, gen, images_dir, device,
+                                          dtype, calib, out_dir, metrics)
+        else:
+            log.info("Evaluation only <gen.enabled=false>: images from %s", images_dir)
 
         # 4. Evaluate once every image of the (unsharded) prompt set exists.
         full = ImageSet(images_dir, all_items)
         per_image: dict = {}
         eval_hash = None
         missing = full.missing()
-        if evaluators and not missing:
+        sharded_job = gen["enabled"] and gen["num_shards"] > 1
+        if sharded_job:  # the eval-only job (gen.enabled=false) evaluates the union once
+            log.info("Shard %d/%d done; evaluate with gen.enabled=false once all shards finished",
+                     gen["shard"], gen["num_shards"])
+        elif evaluators and not missing:
             ev, per_image, eval_hash = _evaluate(cfg, evaluators, full, out_dir)
             metrics.update(ev)
         elif evaluators:
@@ -215,13 +233,15 @@ def run(cfg: DictConfig) -> float:
             "per_image": per_image,
             "run": {
                 "run_name": cfg.run_name, "model": cfg.model.name, "family": family,
-                "method": report.name, "kind": report.kind, "tag": cfg.method.get("tag"),
+                "method": report.name if report else cfg.method.name,
+                "kind": report.kind if report else None, "tag": cfg.method.get("tag"),
                 "sparsity": cfg.sparsity, "seed": int(cfg.seed), "output_dir": str(out_dir),
                 "images_dir": str(images_dir), "num_items": len(all_items),
                 "shard": gen["shard"], "num_shards": gen["num_shards"],
                 "eval_inputs_hash": eval_hash, "skipped_evaluators": skipped,
                 "missing_images": len(missing),
-                "prune_point": report.details.get("prune_point") if isinstance(report.details, dict) else None,
+                "prune_point": (report.details.get("prune_point")
+                                if report and isinstance(report.details, dict) else None),
                 **_provenance(cfg),
             },
         }

@@ -1,7 +1,7 @@
 """Experiment tracking. ``metrics.json`` is always written by the runner; W&B is optional.
 
-``mode: auto`` logs online only when an API key is configured (``WANDB_API_KEY`` or a netrc
-entry), otherwise offline into the run directory; sync later with
+``mode: auto`` follows ``WANDB_MODE`` when set, else logs online only when an API key is
+configured (``WANDB_API_KEY`` or a netrc entry), otherwise offline into the run directory; sync later with
 ``wandb sync <output_dir>/wandb/offline-run-*`` from a machine with internet.
 """
 
@@ -45,7 +45,11 @@ class WandbLogger:
                               ["online", "offline", "disabled", "auto"])
         self.kw = dict(project=project, entity=entity, group=group, name=name,
                        job_type=job_type, tags=list(tags or []))
-        self.mode = ("online" if _has_api_key() else "offline") if mode == "auto" else mode
+        if mode == "auto":  # an explicit WANDB_MODE (e.g. offline on cluster nodes) wins
+            env = os.environ.get("WANDB_MODE")
+            mode = env if env in ("online", "offline", "disabled") else (
+                "online" if _has_api_key() else "offline")
+        self.mode = mode
         self.image_table = image_table
         self.run = None
 

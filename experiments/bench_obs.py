@@ -97,26 +97,19 @@ class Capture:
 
 
 def digits_pipeline():
-    from edm.digits.components import (
-        WEIGHTS_DIR,
-        build_components,
-        default_config,
-        load_components,
-    )
+    """The shipped digits checkpoint (edm.digits.loader), else the random-init architecture."""
+    from edm.digits.components import build_components, default_config
+    from edm.digits.loader import DigitsLoader
     from edm.digits.pipeline import DigitsPipeline
+    from edm.errors import MissingWeightsError
 
-    cfgs = sorted(WEIGHTS_DIR.rglob("config.json"))
-    if cfgs:
-        comps, label = load_components(cfgs[0].parent), f"trained ({cfgs[0].parent.name})"
-        comps.pop("config", None)
-    else:
-        comps, label = (
-            build_components(default_config("small")),
-            "RANDOM-INIT (no trained weights found)",
-        )
-    pipe = DigitsPipeline(**comps)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, label
+    try:
+        loader = DigitsLoader()
+        return loader.load("digits", "fp32", "cpu"), f"trained ({loader.checkpoint.name})"
+    except MissingWeightsError:
+        pipe = DigitsPipeline(**build_components(default_config("small")))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, "RANDOM-INIT (no trained weights found)"
 
 
 def bench_digits(steps: int, n_prompts: int) -> tuple[dict, str]:

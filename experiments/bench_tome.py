@@ -99,30 +99,69 @@ def main() -> None:
     assert not torch.equal(outs["tomesd"], outs["dense"]), "tomesd patched nothing"
     assert torch.equal(outs["edm_tome"], outs["tomesd"]), "edm ToMe differs from tomesd"
 
-    times = {row: [] for row in names}
+    wall = {row: [] for row in names}
+    cpu = {row: [] for row in names}
     for r in range(args.rounds):
         order = names[r % 3 :] + names[: r % 3]
         for row in order:
             rows.install(row)
             torch.manual_seed(0)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             unet(*call)
-            times[row].append(time.perf_counter() - t0)
+            wall[row].append(time.perf_counter() - t0)
+            cpu[row].append(time.process_time() - c0)
             rows.remove(row)
-        print(
-            f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True
-        )
-    dense = statistics.median(times["dense"])
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in cpu.items()), flush=True)
     print(
         f"\nSD1.5 UNet {args.size}² batch 2, {args.dtype}, {args.threads} thread(s), "
-        f"ratio {args.ratio}, median of {args.rounds} alternated rounds"
+        f"ratio {args.ratio}, median of {args.rounds} alternated rounds (CPU = process time, "
+        "robust to other load on the machine)"
     )
-    print("| row | s / UNet call | vs dense | all runs |")
-    print("|---|---|---|---|")
+    print("| row | wall s / call | CPU s / call | CPU vs dense | CPU runs |")
+    print("|---|---|---|---|---|")
+    dense = statistics.median(cpu["dense"])
     for row in names:
-        med = statistics.median(times[row])
-        runs = " ".join(f"{t:.2f}" for t in times[row])
-        print(f"| {row} | {med:.2f} | {dense / med:.2f}x | {runs} |")
+        w, c = statistics.median(wall[row]), statistics.median(cpu[row])
+        runs = " ".join(f"{t:.2f}" for t in cpu[row])
+        print(f"| {row} | {w:.2f} | {c:.2f} | {dense / c:.2f}x | {runs} |")
+    kernel_table(unet, args, dtype)
+
+
+def kernel_table(unet, args, dtype, reps: int = 15) -> None:
+    """Matching + merge + unmerge alone, for one full-resolution layer's input (tomesd vs edm)."""
+    from tomesd.merge import bipartite_soft_matching_random2d
+
+    from edm.methods.token.tome_kernel import bipartite_merge
+
+    side = args.size // 8
+    n, c = side * side, unet.config.block_out_channels[0]
+    x = torch.randn(2, n, c).to(dtype)
+    r = int(n * args.ratio)
+
+    def ref():
+        m, u = bipartite_soft_matching_random2d(
+            x, side, side, 2, 2, r, generator=torch.Generator()
+        )
+        return u(m(x))
+
+    def ours():
+        m, u = bipartite_merge(x, side, side, r, generator=torch.Generator())
+        return u(m(x))
+
+    cpu = {"tomesd": [], "edm_tome": []}
+    for i in range(reps):
+        for name, fn in (("tomesd", ref), ("edm_tome", ours))[:: 1 if i % 2 else -1]:
+            c0 = time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+    print(
+        f"\nmatching + merge + unmerge of one layer input [2, {n}, {c}] ({args.dtype}), "
+        f"median CPU ms of {reps}"
+    )
+    print("| kernel | CPU ms |")
+    print("|---|---|")
+    for name, ts in cpu.items():
+        print(f"| {name} | {1e3 * statistics.median(ts):.1f} |")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ EOF
   if [[ -L $ETC_CONF || ! -e $ETC_CONF ]]; then
     local target
     target=$(readlink "$ETC_CONF" || true)
-    if [[ -n $target && $target != "$CONF" ]] && head -1 "$target" 2>/dev/null | grep -qv "^$MARK"; then
+    if [[ -n $target && $target != "$CONF" ]] \
+        && head -1 "$target" 2>/dev/null | grep -qv "^$MARK"; then
       die "$ETC_CONF links to $target, which this script did not write; not replacing it"
     fi
     ln -sfn "$CONF" "$ETC_CONF"
@@ -140,7 +141,8 @@ start_munge() {
   for _ in $(seq 50); do munge_ok && break; sleep 0.1; done
   munge_ok || die "munged did not start (see /var/log/munge/munged.log)"
   # Remember that we started it, so `down` stops it and nothing else.
-  cp /run/munge/munged.pid "$DIR/munged.pid" 2>/dev/null || pgrep -u munge -n -x munged >"$DIR/munged.pid"
+  cp /run/munge/munged.pid "$DIR/munged.pid" 2>/dev/null \
+    || pgrep -u munge -n -x munged >"$DIR/munged.pid"
   log "munged: started (pid $(cat "$DIR/munged.pid"))"
 }
 

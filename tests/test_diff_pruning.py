@@ -122,7 +122,9 @@ def test_apply_finetune_save_reload(tmp_path):
     for m in pipe.unet.modules():  # repaired static attributes (forward asserts them)
         if type(m).__name__ in ("Upsample2D", "Downsample2D"):
             assert m.channels == m.conv.in_channels
-    gen = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    def gen():
+        return [torch.Generator().manual_seed(i) for i in range(2)]
+
     img = pipe(["a handwritten digit one"] * 2, num_inference_steps=2, generator=gen()).images
     assert img.shape == (2, 1, 16, 16) and torch.isfinite(img).all()
 

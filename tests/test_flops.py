@@ -1,4 +1,4 @@
-"""FLOPs: CPU fused-attention formula, per-call measurement in a pipeline, paper figures on meta."""
+"""FLOPs: CPU fused-attention formula, per-call counts in a pipeline, paper figures on meta."""
 
 import copy
 
@@ -11,8 +11,8 @@ from edm.eval.flops import (
     analytic_mmdit_flops,
     count_params,
     flop_counter,
-    meta_denoiser_flops,
     measure_denoiser_flops,
+    meta_denoiser_flops,
     meta_step_flops,
     split_flops,
 )
@@ -38,7 +38,11 @@ def _to(x, device):
 
 @pytest.mark.parametrize(
     "q_shape,kv_shape",
-    [((2, 4, 64, 16), (2, 4, 64, 16)), ((1, 2, 100, 8), (1, 2, 77, 8)), ((3, 1, 5, 32), (3, 1, 9, 32))],
+    [
+        ((2, 4, 64, 16), (2, 4, 64, 16)),
+        ((1, 2, 100, 8), (1, 2, 77, 8)),
+        ((3, 1, 5, 32), (3, 1, 9, 32)),
+    ],
 )
 def test_cpu_fused_attention_counts_like_meta(q_shape, kv_shape):
     q, k = torch.randn(q_shape), torch.randn(kv_shape)
@@ -56,16 +60,24 @@ def test_cpu_denoiser_flops_equal_meta(builder):
     pipe = builder()
     den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     if hasattr(pipe, "transformer"):
-        inputs = dict(
-            hidden_states=torch.randn(2, 16, 16, 16), timestep=torch.tensor([3.0, 3.0]),
-            encoder_hidden_states=torch.randn(2, 333, 96), pooled_projections=torch.randn(2, 64),
-        )
+        inputs = {
+            "hidden_states": torch.randn(2, 16, 16, 16),
+            "timestep": torch.tensor([3.0, 3.0]),
+            "encoder_hidden_states": torch.randn(2, 333, 96),
+            "pooled_projections": torch.randn(2, 64),
+        }
     else:
         ctx = den.config.cross_attention_dim
-        inputs = dict(sample=torch.randn(2, 4, 16, 16), timestep=torch.tensor([3.0, 3.0]),
-                      encoder_hidden_states=torch.randn(2, 77, ctx))
+        inputs = {
+            "sample": torch.randn(2, 4, 16, 16),
+            "timestep": torch.tensor([3.0, 3.0]),
+            "encoder_hidden_states": torch.randn(2, 77, ctx),
+        }
         if den.config.addition_embed_type == "text_time":
-            inputs["added_cond_kwargs"] = dict(text_embeds=torch.randn(2, 32), time_ids=torch.randn(2, 6))
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(2, 32),
+                "time_ids": torch.randn(2, 6),
+            }
     with torch.no_grad(), flop_counter() as counter:
         den(**inputs)
     cpu = split_flops(counter)
@@ -79,12 +91,20 @@ def test_measure_denoiser_flops_in_the_pipeline(builder, res):
     den = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
     seen = []
     handle = den.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(copy.deepcopy(_to({**dict(zip(["sample", "timestep"], a)), **kw}, "cpu"))),
+        lambda m, a, kw: seen.append(
+            copy.deepcopy(_to({**dict(zip(["sample", "timestep"], a)), **kw}, "cpu"))
+        ),
         with_kwargs=True,
     )
     counts = measure_denoiser_flops(
-        pipe, prompt=["a cat"], num_inference_steps=2, guidance_scale=4.0, height=res, width=res,
-        generator=[torch.Generator().manual_seed(0)], output_type="pt",
+        pipe,
+        prompt=["a cat"],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        height=res,
+        width=res,
+        generator=[torch.Generator().manual_seed(0)],
+        output_type="pt",
     )
     handle.remove()
     assert len(counts) == 2 == len(seen) and counts[0] == counts[1]  # same shapes every step
@@ -137,10 +157,19 @@ def test_measure_is_per_call_and_cleans_up_on_error():
 def test_meta_step_flops_replays_the_trajectory():
     pipe = tiny_sd3()
     meta = copy.deepcopy(pipe.transformer).to("meta")
-    inputs = _to(dict(hidden_states=torch.zeros(2, 16, 8, 8), timestep=torch.zeros(2),
-                      encoder_hidden_states=torch.zeros(2, 20, 96), pooled_projections=torch.zeros(2, 64)), "meta")
+    inputs = _to(
+        {
+            "hidden_states": torch.zeros(2, 16, 8, 8),
+            "timestep": torch.zeros(2),
+            "encoder_hidden_states": torch.zeros(2, 20, 96),
+            "pooled_projections": torch.zeros(2, 64),
+        },
+        "meta",
+    )
     seen = []
-    meta.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].shape), with_kwargs=True)
+    meta.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["timestep"].shape), with_kwargs=True
+    )
     counts = meta_step_flops(meta, inputs, pipe.scheduler, 3)
     assert len(counts) == 3 == len(seen) and len(set(counts)) == 1
     assert counts[0] == analytic_mmdit_flops(dict(meta.config), 64, 64, 20) * 2  # batch 2
@@ -158,8 +187,15 @@ def test_count_params_counts_shared_once_and_nonzero():
 @pytest.mark.parametrize("qk_norm,dual", [(None, ()), ("rms_norm", (0, 1))])
 def test_analytic_mmdit_matches_counter(qk_norm, dual):
     model = tiny_sd3(qk_norm=qk_norm, dual_attention_layers=dual).transformer.to("meta")
-    inputs = _to(dict(hidden_states=torch.zeros(1, 16, 8, 8), timestep=torch.zeros(1),
-                      encoder_hidden_states=torch.zeros(1, 50, 96), pooled_projections=torch.zeros(1, 64)), "meta")
+    inputs = _to(
+        {
+            "hidden_states": torch.zeros(1, 16, 8, 8),
+            "timestep": torch.zeros(1),
+            "encoder_hidden_states": torch.zeros(1, 50, 96),
+            "pooled_projections": torch.zeros(1, 64),
+        },
+        "meta",
+    )
     counted = meta_denoiser_flops(model, inputs)
     assert counted == analytic_mmdit_flops(dict(model.config), 64, 64, 50)
 

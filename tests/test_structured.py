@@ -202,8 +202,8 @@ def test_reciprocal_rank_fusion():
 
 def test_joint_heads_prune_same_heads_in_both_streams():
     W1, W2 = torch.randn(16, 32), torch.randn(12, 32)
-    H1 = (lambda X: (2 * X @ X.T / X.shape[1]).float())(correlated(32, 500, 2))
-    H2 = (lambda X: (2 * X @ X.T / X.shape[1]).float())(correlated(32, 500, 3))
+    X1, X2 = correlated(32, 500, 2), correlated(32, 500, 3)
+    H1, H2 = (2 * X1 @ X1.T / 500).float(), (2 * X2 @ X2.T / 500).float()
     res = K.obs_prune_heads_joint([W1, W2], [H1, H2], 2, head_dim=8)
     cols = K._expand(res.pruned, 8)
     assert res.pruned.numel() == 2
@@ -269,11 +269,11 @@ def test_unet_targets_forward_order_and_exclusion():
 def test_mmdit_targets_and_units():
     model = tiny_mmdit()
     targets = structured_targets(model, "sd3", exclude_first_last=False)
-    joint = [t for t in targets if t.name == "transformer_blocks.1.attn"][0]
+    joint = next(t for t in targets if t.name == "transformer_blocks.1.attn")
     assert [n for n, _ in joint.consumers] == ["transformer_blocks.1.attn.to_out.0",
                                                "transformer_blocks.1.attn.to_add_out"]
     assert len(joint.producers) == 6
-    last = [t for t in targets if t.name == "transformer_blocks.2.attn"][0]  # context_pre_only
+    last = next(t for t in targets if t.name == "transformer_blocks.2.attn")  # context_pre_only
     assert len(last.consumers) == 1 and len(last.producers) == 6
     assert not any(t.name == "transformer_blocks.2.ff_context" for t in targets)
     units = structured_units(targets)
@@ -321,7 +321,7 @@ def test_l1_method_slices():
 def test_l1_scores_pick_the_weakest_head():
     model = tiny_unet()
     targets = structured_targets(model, "sd15", exclude_first_last=False)
-    t = [x for x in targets if x.kind == "heads" and x.num_groups == 4][0]
+    t = next(x for x in targets if x.kind == "heads" and x.num_groups == 4)
     with torch.no_grad():
         for _, lin, _ in t.producers:
             lin.weight[16:32] *= 0.01  # head 1 of 4 (head_dim 16)

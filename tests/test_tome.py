@@ -189,7 +189,9 @@ def test_sdxl_max_downsample_1_patches_nothing_and_raises():
     added = {"text_embeds": torch.zeros(1, 32), "time_ids": torch.zeros(1, 6)}
     with torch.no_grad():
         dense = pipe.unet(x, t, ctx, added_cond_kwargs=added).sample
-    with pytest.raises(NothingPatchedError, match="patched nothing"):
+    with pytest.raises(
+        NothingPatchedError, match="max_downsample=1.*finest attention level has downsample 2"
+    ):
         ToMe(max_downsample=1).apply(pipe, ApplyContext(family="sdxl"))
     assert _hook_count(pipe.unet) == 0  # regression (spec §3.1): tomesd is a silent no-op here
     with torch.no_grad():
@@ -260,6 +262,17 @@ def test_dsap_step_schedule(sd15):
     method.apply(_pipe_of(meta, "sd15"), ApplyContext(family="sd15"))
     flops_early, flops_late = (meta_denoiser_flops(meta, inputs) for _ in range(2))
     assert flops_dense > flops_early > flops_late
+
+
+def test_seeded_draws_restart_every_trajectory(sd15):
+    # DSAP leaves step 0 unmerged (no draw); the seed must still restart per image batch.
+    pipe = copy.deepcopy(sd15)
+    pipe.set_progress_bar_config(disable=True)
+    dsap = {"enabled": True, "early_steps": 1, "block_rule": "all"}
+    ToMe(ratio=0.5, seed=0, dsap=dsap).apply(pipe, ApplyContext(family="sd15"))
+    first = _generate(pipe, steps=3)
+    _generate(pipe, seed=5)  # another batch in between
+    assert torch.equal(_generate(pipe, steps=3), first)
 
 
 def test_config_and_family_errors(sd15):

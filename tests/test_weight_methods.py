@@ -325,11 +325,16 @@ def test_captions_file(tmp_path):
 
 
 def test_digits_architecture():
-    """The embedded model's architecture (random init if no trained weights are present)."""
+    """The embedded model (the shipped checkpoint, or its random-init architecture)."""
     comps = pytest.importorskip("edm.digits.components")
+    from edm.digits.loader import DigitsLoader
     from edm.digits.pipeline import DigitsPipeline
+    from edm.errors import MissingWeightsError
 
-    pipe = DigitsPipeline(**comps.build_components(comps.default_config("small")))
+    try:
+        pipe = DigitsLoader().load("digits", "fp32", "cpu")
+    except MissingWeightsError:
+        pipe = DigitsPipeline(**comps.build_components(comps.default_config("small")))
     pipe.set_progress_bar_config(disable=True)
     gen = {
         "num_inference_steps": 4,

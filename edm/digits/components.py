@@ -28,18 +28,18 @@ WEIGHTS_NAME = "model.safetensors"
 
 TEXT_DIM = 32
 
-_UNET_COMMON = dict(
-    sample_size=IMAGE_SIZE,
-    in_channels=1,
-    out_channels=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    layers_per_block=1,
-    cross_attention_dim=TEXT_DIM,
-    norm_num_groups=8,
-    use_linear_projection=False,  # SD1.5-style conv proj_in/proj_out
-)
+_UNET_COMMON = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "layers_per_block": 1,
+    "cross_attention_dim": TEXT_DIM,
+    "norm_num_groups": 8,
+    "use_linear_projection": False,  # SD1.5-style conv proj_in/proj_out
+}
 
 UNET_PRESETS = {
     # attention_head_dim is diffusers' (misnamed) number of heads per block: head dim 16 in all
@@ -48,27 +48,27 @@ UNET_PRESETS = {
     "base": dict(_UNET_COMMON, block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4)),
 }
 
-TEXT_ENCODER_CONFIG = dict(
-    hidden_size=TEXT_DIM,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=16,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+TEXT_ENCODER_CONFIG = {
+    "hidden_size": TEXT_DIM,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_schedule="squaredcos_cap_v2",  # cosine schedule: better than linear at low resolution
-    prediction_type="epsilon",
-    clip_sample=True,  # pixel space in [-1, 1]: clipping x0 is exact, not a hack
-    clip_sample_range=1.0,
-    set_alpha_to_one=True,  # the last DDIM step returns the clean x0 estimate
-    timestep_spacing="trailing",  # start sampling at t=999 (pure noise) with few steps
-    steps_offset=0,
-)
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",  # cosine schedule: better than linear at low resolution
+    "prediction_type": "epsilon",
+    "clip_sample": True,  # pixel space in [-1, 1]: clipping x0 is exact, not a hack
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,  # the last DDIM step returns the clean x0 estimate
+    "timestep_spacing": "trailing",  # start sampling at t=999 (pure noise) with few steps
+    "steps_offset": 0,
+}
 
 
 def default_tokenizer() -> WordTokenizer:

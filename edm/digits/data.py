@@ -48,7 +48,7 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     for d in range(10):
         idx = np.flatnonzero(labels == d)
         idx = idx[rng.permutation(len(idx))]
-        held.append(idx[: int(round(HELDOUT_FRACTION * len(idx)))])
+        held.append(idx[: round(HELDOUT_FRACTION * len(idx))])
     held_idx = np.sort(np.concatenate(held))
     train_idx = np.setdiff1d(np.arange(len(labels)), held_idx)
     return {"train": train_idx, "heldout": held_idx}

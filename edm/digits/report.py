@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 def generate_and_evaluate(pipe, items, out_dir: Path, steps: int, cfg: float, batch_size: int) -> dict:
     """Generate ``items`` (one seeded generator each) as PNGs in ``out_dir``; evaluate them."""
+
     from edm.eval.base import ImageSet, image_path
     from edm.eval.digits import DigitsEval
-    from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     warm = [torch.Generator().manual_seed(0)]

@@ -6,9 +6,10 @@ Convention (fixed; matches the 0.31-style numbers AT-EDM and OBS-Diff report):
 
 reported **x1** (torchmetrics' ``CLIPScore`` reports 100x this). Images go through the pretrained
 tag's own open_clip preprocessing (resize short side, centre crop, normalise); prompts through
-open_clip's tokenizer (truncated to the model's 77-token context).
+open_clip's tokenizer (truncated to the 77-token context).
 
-torchmetrics 1.9 ``CLIPScore`` is not used: it crashes on transformers 5 (Lightning-AI/torchmetrics#3407).
+torchmetrics 1.9 ``CLIPScore`` is not used: it crashes on transformers 5
+(Lightning-AI/torchmetrics#3407).
 """
 
 from __future__ import annotations
@@ -34,20 +35,26 @@ def pretrained_cfg(model: str, pretrained: str) -> dict:
     import open_clip
 
     if model not in open_clip.list_models():
-        raise ConfigError("eval.clip_score.model", f"unknown open_clip model '{model}'.",
-                          [m for m in open_clip.list_models() if m.startswith("ViT")])
+        raise ConfigError(
+            "eval.clip_score.model",
+            f"unknown open_clip model '{model}'.",
+            [m for m in open_clip.list_models() if m.startswith("ViT")],
+        )
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if not cfg:
-        raise ConfigError("eval.clip_score.pretrained", f"unknown tag '{pretrained}' for {model}.",
-                          open_clip.list_pretrained_tags_by_model(model))
+        raise ConfigError(
+            "eval.clip_score.pretrained",
+            f"unknown tag '{pretrained}' for {model}.",
+            open_clip.list_pretrained_tags_by_model(model),
+        )
     return cfg
 
 
 def resolve_open_clip(model: str, pretrained: str) -> tuple[Path, dict]:
-    """Local weights file and pretrained config of an open_clip (model, tag) pair.
+    """Local weights file and pretrained config of an open_clip (model, tag).
 
-    Raises ``ConfigError`` for an unknown pair and ``MissingWeightsError`` (with the ``hf download``
-    command) when the weights are not in the hub cache.
+    Raises ``ConfigError`` for an unknown pair and ``MissingWeightsError`` (with the
+    ``hf download`` command) when the weights are not in the hub cache.
     """
     from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
@@ -56,7 +63,8 @@ def resolve_open_clip(model: str, pretrained: str) -> tuple[Path, dict]:
     if not hub:
         raise MissingWeightsError(
             f"open_clip {model}/{pretrained} has no hub copy; download {cfg.get('url')} and set "
-            "eval.clip_score.weights_path=/path/to/file.")
+            "eval.clip_score.weights_path=/path/to/file."
+        )
     repo, filename = hub.rstrip("/"), None
     if not hub.endswith("/"):  # 'org/repo/file.bin' form
         repo, filename = hub.rsplit("/", 1)
@@ -82,10 +90,14 @@ def load_open_clip(model: str, pretrained: str, weights_path: str | None, device
     else:
         path, cfg = resolve_open_clip(model, pretrained)
     net, _, preprocess = open_clip.create_model_and_transforms(
-        model, pretrained=str(path), device=device,
+        model,
+        pretrained=str(path),
+        device=device,
         force_quick_gelu=bool(cfg.get("quick_gelu", False)),  # OpenAI weights use QuickGELU
-        image_mean=cfg.get("mean"), image_std=cfg.get("std"),
-        image_interpolation=cfg.get("interpolation"), image_resize_mode=cfg.get("resize_mode"),
+        image_mean=cfg.get("mean"),
+        image_std=cfg.get("std"),
+        image_interpolation=cfg.get("interpolation"),
+        image_resize_mode=cfg.get("resize_mode"),
     )
     return net.eval(), preprocess, open_clip.get_tokenizer(model)
 
@@ -125,7 +137,9 @@ class CLIPScore:
             return
         if self.weights_path:
             pretrained_cfg(self.model, self.pretrained)
-            require_file(self.weights_path, "CLIP score weights", "", "eval.clip_score.weights_path")
+            require_file(
+                self.weights_path, "CLIP score weights", "", "eval.clip_score.weights_path"
+            )
             return
         resolve_open_clip(self.model, self.pretrained)
 
@@ -139,8 +153,9 @@ class CLIPScore:
             if self.loader is not None:
                 self._parts = self.loader()
             else:
-                self._parts = load_open_clip(self.model, self.pretrained, self.weights_path,
-                                             self._device())
+                self._parts = load_open_clip(
+                    self.model, self.pretrained, self.weights_path, self._device()
+                )
         return self._parts
 
     @torch.no_grad()
@@ -163,6 +178,11 @@ class CLIPScore:
                     pil.append(im.convert("RGB"))
             scores += self.score(prompts[s : s + self.batch_size], pil).tolist()
         mean = sum(scores) / max(len(scores), 1)
-        log.info("CLIP score <%s/%s> = %.4f over %d images", self.model, self.pretrained, mean,
-                 len(scores))
+        log.info(
+            "CLIP score <%s/%s> = %.4f over %d images",
+            self.model,
+            self.pretrained,
+            mean,
+            len(scores),
+        )
         return {"clip_score": mean, "clip_score_per_image": scores}

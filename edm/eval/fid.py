@@ -65,13 +65,20 @@ class Reference:
         return cls(name, m["dataset"], m["split"], int(m["res"]), m["year"])
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-                     ) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """||mu1-mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½), via clean-fid's public implementation."""
     from cleanfid.fid import frechet_distance as _fd
 
-    return float(_fd(np.asarray(mu1, np.float64), np.asarray(sigma1, np.float64),
-                     np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)))
+    return float(
+        _fd(
+            np.asarray(mu1, np.float64),
+            np.asarray(sigma1, np.float64),
+            np.asarray(mu2, np.float64),
+            np.asarray(sigma2, np.float64),
+        )
+    )
 
 
 class RunningMoments:
@@ -99,7 +106,8 @@ class RunningMoments:
         n = self.n + nb
         delta = mb - self.mean
         self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + np.outer(delta, delta) * (self.n * nb / n)
+        self.m2 += m2b  # in place: at 2048-d each temporary is 32 MB
+        self.m2 += np.outer(delta * (self.n * nb / n), delta)
         self.n = n
 
     @property
@@ -143,7 +151,8 @@ class FID:
             resolution real images are brought to. ``coco2014_val512`` (OBS-Diff),
             ``coco2017_val1024`` (AT-EDM).
         mode: clean-fid mode, ``clean`` (default, recommended: antialiased resize) or
-            ``legacy_tensorflow`` (TF-FID compatible numbers). Recorded in ``meta`` and the file name.
+            ``legacy_tensorflow`` (TF-FID compatible numbers). Recorded in ``meta`` and in the
+            stats file name.
         cache_dir: where reference statistics live (``${paths.cache_dir}/fid_refs``).
         inception_path: the TorchScript Inception file; fetch it from :data:`INCEPTION_URL`.
         reference_images: folder of real images for :meth:`build_reference`; ``None`` =
@@ -194,7 +203,10 @@ class FID:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.device = device
         self.feature_model, self.feature_name, self.feature_size = (
-            feature_model, feature_name, feature_size)
+            feature_model,
+            feature_name,
+            feature_size,
+        )
         self._model: Callable | None = feature_model
         self.meta: dict[str, str] = {"mode": mode, "reference": reference}
 
@@ -206,7 +218,8 @@ class FID:
 
     def _require_inception(self) -> Path:
         return require_file(
-            self.inception_path, "FID Inception network",
+            self.inception_path,
+            "FID Inception network",
             f"Fetch it once with:\n    mkdir -p {self.inception_path.parent} && "
             f"curl -L -o {self.inception_path} {INCEPTION_URL}",
             "eval.fid.inception_path",
@@ -220,8 +233,9 @@ class FID:
             raise MissingWeightsError(
                 f"FID reference statistics {self.stats_path} do not exist. Build them once "
                 f"from your {self.ref.dataset} {self.ref.split} images:\n"
-                f"    python -m edm.eval.precompute data={self.ref.dataset} data.root=/path/to/coco"
-                f" eval.fid.reference={self.ref.name} eval.fid.mode={self.mode}\n"
+                f"    python -m edm.eval.precompute data={self.ref.dataset} "
+                f"data.root=/path/to/coco eval.fid.reference={self.ref.name} "
+                f"eval.fid.mode={self.mode}\n"
                 f"(or copy {self.stats_path.name} into {self.cache_dir})."
             )
 
@@ -237,9 +251,12 @@ class FID:
 
             path = self._require_inception()
             if path.name != INCEPTION_FILE:  # InceptionV3W takes a folder and a fixed file name
-                raise ConfigError("eval.fid.inception_path", f"file must be named {INCEPTION_FILE}.")
-            net = InceptionV3W(str(path.parent), download=False,
-                               resize_inside=self.mode == "legacy_tensorflow")
+                raise ConfigError(
+                    "eval.fid.inception_path", f"file must be named {INCEPTION_FILE}."
+                )
+            net = InceptionV3W(
+                str(path.parent), download=False, resize_inside=self.mode == "legacy_tensorflow"
+            )
             self._model = net.to(self._device()).eval()
         return self._model
 
@@ -256,8 +273,9 @@ class FID:
         """Feature mean/covariance of image files, streamed in batches."""
         model, dev = self._extractor(), self._device()
         ds = _FeatureInputs(paths, self.ref.resolution, self._resizer())
-        loader = torch.utils.data.DataLoader(ds, batch_size=self.batch_size,
-                                             num_workers=self.num_workers)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=self.batch_size, num_workers=self.num_workers
+        )
         acc = RunningMoments()
         for batch in loader:
             feats = model(batch.to(dev))
@@ -265,8 +283,9 @@ class FID:
         return acc
 
     # -- reference -----------------------------------------------------------------------------
-    def build_reference(self, images_dir: str | os.PathLike | None = None,
-                        overwrite: bool = False) -> Path:
+    def build_reference(
+        self, images_dir: str | os.PathLike | None = None, overwrite: bool = False
+    ) -> Path:
         """Compute and cache reference statistics from a folder of real images.
 
         Args:
@@ -287,13 +306,25 @@ class FID:
             rng = np.random.default_rng(self.reference_seed)
             keep = np.sort(rng.choice(len(files), self.max_reference_images, replace=False))
             files = [files[i] for i in keep]
-        log.info("Computing FID reference <%s> from %d images in %s (mode=%s)",
-                 self.ref.name, len(files), folder, self.mode)
+        log.info(
+            "Computing FID reference <%s> from %d images in %s (mode=%s)",
+            self.ref.name,
+            len(files),
+            folder,
+            self.mode,
+        )
         t0 = time.time()
         acc = self.moments(files)
-        meta = {"reference": self.ref.name, "mode": self.mode, "resolution": self.ref.resolution,
-                "num_images": acc.n, "images_dir": str(folder), "crop": "center",
-                "features": self.feature_name or INCEPTION_FILE, "seconds": time.time() - t0}
+        meta = {
+            "reference": self.ref.name,
+            "mode": self.mode,
+            "resolution": self.ref.resolution,
+            "num_images": acc.n,
+            "images_dir": str(folder),
+            "crop": "center",
+            "features": self.feature_name or INCEPTION_FILE,
+            "seconds": time.time() - t0,
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "wb") as f:
@@ -314,13 +345,20 @@ class FID:
         if missing:
             raise FileNotFoundError(
                 f"FID: {len(missing)} of {len(images)} images missing in {images.images_dir} "
-                f"(first: {missing[:5]}); finish all shards before evaluating.")
+                f"(first: {missing[:5]}); finish all shards before evaluating."
+            )
         if len(images) < 2:
             raise ValueError("FID needs at least 2 generated images")
         mu_r, sigma_r, n_ref = self.load_reference()
         acc = self.moments(images.paths)
         fid = frechet_distance(acc.mean, acc.cov, mu_r, sigma_r)
         self.meta.update(stats=str(self.stats_path), features=self.feature_name or INCEPTION_FILE)
-        log.info("FID <%s, mode=%s> = %.4f (%d generated vs %d reference images)",
-                 self.ref.name, self.mode, fid, acc.n, n_ref)
+        log.info(
+            "FID <%s, mode=%s> = %.4f (%d generated vs %d reference images)",
+            self.ref.name,
+            self.mode,
+            fid,
+            acc.n,
+            n_ref,
+        )
         return {"fid": fid, "fid_images": float(acc.n), "fid_ref_images": float(n_ref)}

@@ -143,9 +143,13 @@ def measure_denoiser_flops(pipe, denoiser: nn.Module | None = None, **call_kwarg
 # CPU/GPU, or the two bmms it decomposes into on the meta device. Linears are mm/addmm and
 # convolutions are convolution, so the split is exact for these models.
 _ATTENTION_OPS = {
-    "aten.bmm", "aten.baddbmm", "aten._scaled_dot_product_flash_attention_for_cpu",
-    "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_efficient_attention",
-    "aten._scaled_dot_product_cudnn_attention", "aten._flash_attention_forward",
+    "aten.bmm",
+    "aten.baddbmm",
+    "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_flash_attention",
+    "aten._scaled_dot_product_efficient_attention",
+    "aten._scaled_dot_product_cudnn_attention",
+    "aten._flash_attention_forward",
     "aten._efficient_attention_forward",
 }
 
@@ -235,4 +239,3 @@ def analytic_mmdit_flops(config: dict[str, Any], height: int, width: int, contex
             macs += n_img * 4 * d * d + 2 * n_img * n_img * d
     macs += d * 2 * d + n_img * d * p * p * c_out  # final AdaLN + projection
     return 2 * macs
-

@@ -29,7 +29,7 @@ class ImageReward:
     """Human-preference reward of each (prompt, image) pair.
 
     Args:
-        checkpoint: path to ``ImageReward.pt``; ``None`` = from the hub cache (``THUDM/ImageReward``).
+        checkpoint: path to ``ImageReward.pt``; ``None`` = the hub cache (``THUDM/ImageReward``).
         med_config: path to ``med_config.json``; ``None`` = from the hub cache.
         tokenizer: folder holding bert-base-uncased's ``vocab.txt``, or its hub repo id
             (default ``bert-base-uncased``; ``google-bert/bert-base-uncased`` is also tried).
@@ -56,32 +56,58 @@ class ImageReward:
     # -- files -------------------------------------------------------------------------------
     def _files(self) -> tuple[Path, Path, Path]:
         if self.checkpoint:
-            ckpt = require_file(self.checkpoint, "ImageReward checkpoint",
-                                f"hf download {IR_REPO} ImageReward.pt", "eval.image_reward.checkpoint")
+            ckpt = require_file(
+                self.checkpoint,
+                "ImageReward checkpoint",
+                f"hf download {IR_REPO} ImageReward.pt",
+                "eval.image_reward.checkpoint",
+            )
         else:
-            ckpt = require_hf_file(IR_REPO, "ImageReward.pt", "ImageReward",
-                                   "eval.image_reward.checkpoint", also=["med_config.json"])
+            ckpt = require_hf_file(
+                IR_REPO,
+                "ImageReward.pt",
+                "ImageReward",
+                "eval.image_reward.checkpoint",
+                also=["med_config.json"],
+            )
         if self.med_config:
-            med = require_file(self.med_config, "ImageReward med_config",
-                               f"hf download {IR_REPO} med_config.json", "eval.image_reward.med_config")
+            med = require_file(
+                self.med_config,
+                "ImageReward med_config",
+                f"hf download {IR_REPO} med_config.json",
+                "eval.image_reward.med_config",
+            )
         else:
-            med = require_hf_file(IR_REPO, "med_config.json", "ImageReward",
-                                  "eval.image_reward.med_config", also=["ImageReward.pt"])
+            med = require_hf_file(
+                IR_REPO,
+                "med_config.json",
+                "ImageReward",
+                "eval.image_reward.med_config",
+                also=["ImageReward.pt"],
+            )
         return ckpt, med, self._vocab()
 
     def _vocab(self) -> Path:
         local = Path(self.tokenizer).expanduser()
         if local.is_dir():
-            return require_file(local / "vocab.txt", "ImageReward tokenizer",
-                                "hf download bert-base-uncased vocab.txt", "eval.image_reward.tokenizer")
+            return require_file(
+                local / "vocab.txt",
+                "ImageReward tokenizer",
+                "hf download bert-base-uncased vocab.txt",
+                "eval.image_reward.tokenizer",
+            )
         repos = [self.tokenizer]
         if "/" not in self.tokenizer:
             repos.append(f"google-bert/{self.tokenizer}")
         for repo in repos:
             if (found := cached_hf_file(repo, "vocab.txt")) is not None:
                 return found
-        return require_hf_file(repos[0], "vocab.txt", "ImageReward tokenizer (BLIP uses BERT's)",
-                               "eval.image_reward.tokenizer (a folder with vocab.txt)")
+        return require_hf_file(
+            repos[0],
+            "vocab.txt",
+            "ImageReward tokenizer (BLIP uses BERT's)",
+            "eval.image_reward.tokenizer (a folder with vocab.txt)",
+        )
 
     def check(self) -> None:
         """Pre-flight: checkpoint, med_config and tokenizer vocabulary are all local."""
@@ -104,7 +130,9 @@ class ImageReward:
         scores: list[float] = []
         paths, prompts = images.paths, images.prompts
         for s in range(0, len(paths), self.batch_size):
-            scores += scorer.score(prompts[s : s + self.batch_size], paths[s : s + self.batch_size])
+            scores += scorer.score(
+                prompts[s : s + self.batch_size], paths[s : s + self.batch_size]
+            )
         mean = sum(scores) / max(len(scores), 1)
         log.info("ImageReward = %.4f over %d images", mean, len(scores))
         return {"image_reward": mean, "image_reward_per_image": scores}
@@ -120,8 +148,14 @@ class ImageRewardScorer:
         self.transform = image_transform(model.image_size)
 
     @classmethod
-    def load(cls, checkpoint: Path, med_config: Path, vocab: Path, device: torch.device,
-             vit_heads: int | None = None) -> ImageRewardScorer:
+    def load(
+        cls,
+        checkpoint: Path,
+        med_config: Path,
+        vocab: Path,
+        device: torch.device,
+        vit_heads: int | None = None,
+    ) -> ImageRewardScorer:
         from edm.eval.image_reward_model import ImageRewardModel, blip_tokenizer, load_med_config
 
         sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -142,8 +176,16 @@ class ImageRewardScorer:
             else:
                 with Image.open(im) as pil:
                     pix.append(self.transform(pil))
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=MAX_TEXT_LEN, return_tensors="pt")
-        out = self.model(torch.stack(pix).to(self.device), tok.input_ids.to(self.device),
-                         tok.attention_mask.to(self.device))
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_TEXT_LEN,
+            return_tensors="pt",
+        )
+        out = self.model(
+            torch.stack(pix).to(self.device),
+            tok.input_ids.to(self.device),
+            tok.attention_mask.to(self.device),
+        )
         return out.float().cpu().tolist()

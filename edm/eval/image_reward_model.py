@@ -1,4 +1,4 @@
-"""ImageReward (Xu et al., NeurIPS 2023) rebuilt on current libraries, loading the official checkpoint.
+"""ImageReward (Xu et al., NeurIPS 2023) on current libraries, loading the official checkpoint.
 
 The upstream ``image-reward`` package cannot be imported with transformers 5 / timm >= 1 /
 setuptools >= 81, so this module re-creates its inference path with the same parameter names, so
@@ -21,6 +21,7 @@ Parity with the upstream package: ``experiments/image_reward_parity/``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -41,7 +42,7 @@ BLIP_HEAD_DIM = 64  # BLIP ViT-B (12 heads x 64) and ViT-L (16 heads x 64)
 
 
 class _Proj(nn.Module):
-    """query/key/value of one attention (names as in the checkpoint: ``.self.{query,key,value}``)."""
+    """q/k/v of one attention (checkpoint names: ``.self.{query,key,value}``)."""
 
     def __init__(self, width: int, kv_width: int):
         super().__init__()
@@ -69,13 +70,21 @@ class _Attention(nn.Module):
         self.self = _Proj(width, kv_width)
         self.output = _Residual(width, width, eps)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """x: [B, N, C]; kv: [B, M, Ckv]; bias: additive mask broadcastable to [B, h, N, M]."""
         b, n, c = x.shape
-        split = lambda t: t.view(b, t.shape[1], self.heads, c // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.self.query(x)), split(self.self.key(kv)), split(self.self.value(kv))
+        q, k, v = (
+            self._heads(f(t))
+            for f, t in ((self.self.query, x), (self.self.key, kv), (self.self.value, kv))
+        )
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.output(ctx.transpose(1, 2).reshape(b, n, c), x)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] -> [B, heads, L, C / heads]."""
+        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
 
 class _Intermediate(nn.Module):
@@ -92,7 +101,9 @@ class _Layer(nn.Module):
         self.intermediate = _Intermediate(width, ffn)
         self.output = _Residual(ffn, width, eps)
 
-    def forward(self, h: torch.Tensor, text_bias: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, text_bias: torch.Tensor, image: torch.Tensor
+    ) -> torch.Tensor:
         h = self.attention(h, h, text_bias)
         h = self.crossattention(h, image, None)  # every image token is valid
         return self.output(F.gelu(self.intermediate.dense(h)), h)  # hidden_act "gelu" (erf)
@@ -128,32 +139,44 @@ class BlipTextEncoder(nn.Module):
         super().__init__()
         c = med_config
         if c.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"med_config hidden_act={c['hidden_act']!r}; only 'gelu' is supported")
+            raise ValueError(
+                f"med_config hidden_act={c['hidden_act']!r}; only 'gelu' is supported"
+            )
         width, eps = c["hidden_size"], c["layer_norm_eps"]
-        self.embeddings = _Embeddings(c["vocab_size"], width, c["max_position_embeddings"],
-                                      c.get("pad_token_id", 0), eps)
-        self.encoder = _Encoder([
-            _Layer(width, encoder_width, c["num_attention_heads"], c["intermediate_size"], eps)
-            for _ in range(c["num_hidden_layers"])
-        ])
+        self.embeddings = _Embeddings(
+            c["vocab_size"], width, c["max_position_embeddings"], c.get("pad_token_id", 0), eps
+        )
+        self.encoder = _Encoder(
+            [
+                _Layer(width, encoder_width, c["num_attention_heads"], c["intermediate_size"], eps)
+                for _ in range(c["num_hidden_layers"])
+            ]
+        )
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """ids, mask: [B, L]; image: [B, M, encoder_width] -> hidden states [B, L, hidden]."""
         h = self.embeddings(ids)
         # BERT's extended mask: 0 for real tokens, -10000 for padding (what BLIP adds to scores).
-        bias = ((1.0 - mask[:, None, None, :].to(h.dtype)) * -10000.0)
+        bias = (1.0 - mask[:, None, None, :].to(h.dtype)) * -10000.0
         for layer in self.encoder.layer:
             h = layer(h, bias, image)
         return h
 
 
 def build_vit(image_size: int, patch: int, width: int, depth: int, heads: int) -> nn.Module:
-    """BLIP's ViT as timm's VisionTransformer (same parameter names); tokens after the final norm."""
+    """BLIP's ViT as timm's VisionTransformer (same parameter names); tokens after final norm."""
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
-        img_size=image_size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
-        mlp_ratio=4.0, qkv_bias=True, num_classes=0, global_pool="",
+        img_size=image_size,
+        patch_size=patch,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        num_classes=0,
+        global_pool="",
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )
 
@@ -170,7 +193,7 @@ class _Head(nn.Module):
     def __init__(self, dims: list[int]):
         super().__init__()
         mods: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
             mods.append(nn.Linear(a, b))
             if i < len(dims) - 3:  # no dropout after the last two Linear layers
                 mods.append(nn.Identity())
@@ -181,17 +204,21 @@ class _Head(nn.Module):
 
 
 class ImageRewardModel(nn.Module):
-    """Vision encoder + cross-attending text encoder + reward head. Build with :meth:`from_state_dict`."""
+    """ViT + cross-attending text encoder + reward head; build with :meth:`from_state_dict`."""
 
-    def __init__(self, vit: nn.Module, text: BlipTextEncoder, head_dims: list[int], image_size: int):
+    def __init__(
+        self, vit: nn.Module, text: BlipTextEncoder, head_dims: list[int], image_size: int
+    ):
         super().__init__()
         self.blip = _Blip(vit, text)
         self.mlp = _Head(head_dims)
         self.image_size = image_size
+        self.unused_keys: list[str] = []  # checkpoint keys inference does not need
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], med_config: dict,
-                        vit_heads: int | None = None) -> ImageRewardModel:
+    def from_state_dict(
+        cls, sd: dict[str, torch.Tensor], med_config: dict, vit_heads: int | None = None
+    ) -> ImageRewardModel:
         """Infer sizes from the checkpoint's shapes, build, and load it (strict on needed keys).
 
         Args:
@@ -204,9 +231,13 @@ class ImageRewardModel(nn.Module):
         patch = sd[p + "patch_embed.proj.weight"].shape[-1]
         grid = math.isqrt(sd[p + "pos_embed"].shape[1] - 1)
         depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(p + r"blocks\.(\d+)\.", k)))
-        vit = build_vit(grid * patch, patch, width, depth, vit_heads or max(1, width // BLIP_HEAD_DIM))
+        vit = build_vit(
+            grid * patch, patch, width, depth, vit_heads or max(1, width // BLIP_HEAD_DIM)
+        )
         text = BlipTextEncoder(med_config, encoder_width=width)
-        lin = sorted(int(k.split(".")[2]) for k in sd if re.fullmatch(r"mlp\.layers\.\d+\.weight", k))
+        lin = sorted(
+            int(k.split(".")[2]) for k in sd if re.fullmatch(r"mlp\.layers\.\d+\.weight", k)
+        )
         head_dims = [sd[f"mlp.layers.{lin[0]}.weight"].shape[1]]
         head_dims += [sd[f"mlp.layers.{i}.weight"].shape[0] for i in lin]
         model = cls(vit, text, head_dims, grid * patch)
@@ -216,6 +247,7 @@ class ImageRewardModel(nn.Module):
             raise KeyError(f"ImageReward checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}")
         # Extra keys (vision_proj, text_proj, position_ids) are unused at inference, as upstream.
         model.load_state_dict({k: sd[k] for k in needed}, strict=True)
+        model.unused_keys = sorted(set(sd) - set(needed))
         return model.eval()
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -228,17 +260,28 @@ class ImageRewardModel(nn.Module):
 
 def image_transform(size: int):
     """Upstream preprocessing on PIL images: bicubic resize of the short side, centre crop, RGB."""
-    from torchvision.transforms import (CenterCrop, Compose, InterpolationMode, Normalize,
-                                        Resize, ToTensor)
+    from torchvision.transforms import (
+        CenterCrop,
+        Compose,
+        InterpolationMode,
+        Normalize,
+        Resize,
+        ToTensor,
+    )
 
-    return Compose([
-        Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
-        lambda im: im.convert("RGB"), ToTensor(), Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    return Compose(
+        [
+            Resize(size, interpolation=InterpolationMode.BICUBIC),
+            CenterCrop(size),
+            lambda im: im.convert("RGB"),
+            ToTensor(),
+            Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )
 
 
 def blip_tokenizer(vocab_file: str | Path):
-    """bert-base-uncased WordPiece from its ``vocab.txt`` plus BLIP's ``[DEC]``/``[ENC]`` tokens."""
+    """bert-base-uncased WordPiece from its ``vocab.txt`` plus BLIP's ``[DEC]``/``[ENC]``."""
     from transformers import BertTokenizer
     from transformers.models.bert.tokenization_bert import load_vocab
 

@@ -1,7 +1,8 @@
 """Build FID reference statistics once, from the same configs a run uses.
 
-    python -m edm.eval.precompute data=coco2014 data.root=/data/coco                  # coco2014_val512
-    python -m edm.eval.precompute data=coco2017 data.root=/data/coco eval=paper_atedm # coco2017_val1024
+    python -m edm.eval.precompute data=coco2014 data.root=/data/coco      # -> coco2014_val512
+    python -m edm.eval.precompute data=coco2017 data.root=/data/coco eval=paper_atedm
+                                                                  # -> coco2017_val1024
     python -m edm.eval.precompute data=coco2014 eval.fid.reference_images=/imgs --overwrite
 
 Arguments are Hydra overrides of the project config (``conf/``); ``eval=fid`` is added when no
@@ -54,11 +55,15 @@ def reference_images_dir(cfg: DictConfig) -> Path:
             "eval.fid.reference",
             f"'{ref.name}' does not match data={name} (split {split}); pass e.g. "
             f"data={ref.dataset}, or eval.fid.reference={name}_{split}{ref.resolution}, or "
-            "eval.fid.reference_images=/path/to/images.")
+            "eval.fid.reference_images=/path/to/images.",
+        )
     root = OmegaConf.select(cfg, "data.root")
     if not root:
-        raise ConfigError("data.root", "is not set; point it at your COCO folder "
-                          "(e.g. data.root=/data/coco) or set eval.fid.reference_images.")
+        raise ConfigError(
+            "data.root",
+            "is not set; point it at your COCO folder "
+            "(e.g. data.root=/data/coco) or set eval.fid.reference_images.",
+        )
     return Path(root).expanduser() / f"{split}{year or ref.year or ''}"
 
 

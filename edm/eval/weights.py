@@ -9,9 +9,11 @@ of sampling.
 Cache layout (all overridable per evaluator):
 
 * Hugging Face hub cache (``$HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``): open_clip
-  weights, ``THUDM/ImageReward`` (``ImageReward.pt``, ``med_config.json``), ``bert-base-uncased``
-  (``vocab.txt``) — fill it with ``hf download <repo> <files>`` on a machine with internet.
-* ``${paths.cache_dir}/weights/inception-2015-12-05.pt``: the FID Inception network (not on the hub).
+  weights, ``THUDM/ImageReward`` (``ImageReward.pt``, ``med_config.json``),
+  ``bert-base-uncased`` (``vocab.txt``); fill it with ``hf download <repo> <files>`` on a
+  machine with internet access.
+* ``${paths.cache_dir}/weights/inception-2015-12-05.pt``: the FID Inception network (not on
+  the hub).
 * ``${paths.cache_dir}/fid_refs/``: FID reference statistics (``python -m edm.eval.precompute``).
 """
 
@@ -62,7 +64,10 @@ def fetch_hint_hf(repo_id: str, filenames: Sequence[str]) -> str:
 
 
 def require_hf_file(
-    repo_id: str, filename: str, what: str, override_key: str | None = None,
+    repo_id: str,
+    filename: str,
+    what: str,
+    override_key: str | None = None,
     also: Sequence[str] = (),
 ) -> Path:
     """Resolve ``repo_id/filename`` from the local hub cache or raise ``MissingWeightsError``.

@@ -21,31 +21,30 @@ Known traps, written down because they cost time:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-_SD_UNET_COMMON = dict(
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
+_SD_UNET_COMMON = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
 
-_SD_MMDIT_COMMON = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    attention_head_dim=64,
-    joint_attention_dim=4096,
-    pooled_projection_dim=2048,
-)
+_SD_MMDIT_COMMON = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "attention_head_dim": 64,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 2048,
+}
 
 
 @dataclass(frozen=True)
@@ -226,7 +225,8 @@ def arch_spec(name: str) -> ArchSpec:
 
 @torch.no_grad()
 def materialize(module: nn.Module, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
-    """Replace meta parameters by random ones on ``device`` (std ``1/sqrt(fan_in)``, norms = 1).
+    """Replace meta parameters by random ones on ``device`` (std ``1/sqrt(fan_in)``, norms = 1,
+    biases std 0.02).
 
     Drawing 2.6 B normals takes minutes on one core, so weights are tiled from one block of
     ``_RANDOM_BLOCK`` (a prime, so rows of a matrix do not repeat) seeded normals: memory-bound
@@ -247,8 +247,9 @@ def materialize(module: nn.Module, device: str | torch.device, dtype: torch.dtyp
                 t = t.view(p.shape)
             elif name == "weight":  # norm scales
                 t = torch.ones(p.shape, dtype=dtype)
-            else:
-                t = torch.zeros(p.shape, dtype=dtype)
+            else:  # biases: small but non-zero, so "non-zero parameters" reads as dense
+                n = p.numel()
+                t = (block[:n].repeat(n // _RANDOM_BLOCK + 1)[:n] * 0.02).to(dtype).view(p.shape)
             mod._parameters[name] = nn.Parameter(t.to(device), requires_grad=False)
     nn.Module.to(module, device=device, dtype=dtype)  # buffers
     return module
@@ -316,86 +317,23 @@ def sample_inputs(
     spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
     h, w = (height or spec.resolution) // 8, (width or spec.resolution) // 8
     n_ctx = context_len or spec.context_len
-    kw = dict(device=device, dtype=dtype)
+    kw = {"device": device, "dtype": dtype}
     channels = spec.config["in_channels"]
     sample = torch.zeros(batch_size, channels, h, w, **kw)
     timestep = torch.full((batch_size,), 500.0, **kw)
     if spec.is_unet:
         ctx = torch.zeros(batch_size, n_ctx, spec.config["cross_attention_dim"], **kw)
-        out = dict(sample=sample, timestep=timestep, encoder_hidden_states=ctx)
+        out = {"sample": sample, "timestep": timestep, "encoder_hidden_states": ctx}
         if spec.config.get("addition_embed_type") == "text_time":
-            out["added_cond_kwargs"] = dict(
-                text_embeds=torch.zeros(batch_size, spec.pooled_dim, **kw),
-                time_ids=torch.zeros(batch_size, 6, **kw),
-            )
+            out["added_cond_kwargs"] = {
+                "text_embeds": torch.zeros(batch_size, spec.pooled_dim, **kw),
+                "time_ids": torch.zeros(batch_size, 6, **kw),
+            }
         return out
     ctx = torch.zeros(batch_size, n_ctx, spec.config["joint_attention_dim"], **kw)
-    return dict(
-        hidden_states=sample,
-        timestep=timestep,
-        encoder_hidden_states=ctx,
-        pooled_projections=torch.zeros(batch_size, spec.pooled_dim, **kw),
-    )
-
-
-def full_pipeline(
-    arch: str | ArchSpec,
-    device: str | torch.device = "meta",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-):
-    """A diffusers pipeline around the full-size denoiser of ``arch`` (random weights).
-
-    Only the denoiser is real-sized. Text encoders are 1-layer CLIP stand-ins with the real
-    hidden sizes (so the denoiser gets real context shapes: 77 x 768 for SD1.5, 77 x 2048 plus a
-    1280 pooled vector for SDXL...), the VAE is a small stand-in with the real latent channels
-    and 8x downsampling, and SD3 runs without T5 (256 zero tokens in its place). Use it for
-    latency and FLOPs of the denoiser, never for image quality.
-
-    Args:
-        arch: architecture name or spec (see :data:`ARCHS`).
-        device: ``meta`` (no memory; denoiser FLOPs via ``edm.eval.flops``) or a real device.
-        dtype: dtype of every component.
-        seed: weight seed.
-    """
-    import diffusers
-
-    from edm.models.tiny import _tokenizer, clip_text_encoder, default_scheduler, tiny_vae
-
-    spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
-    denoiser = build_denoiser(spec, device=device, dtype=dtype, seed=seed)
-    dims = spec.text_dims
-
-    on_meta = torch.device(device).type == "meta"
-
-    def te(i: int, projection: bool):
-        # On meta, build the stand-ins there too: a 49408 x 1280 embedding is not free on CPU.
-        with torch.device("meta") if on_meta else contextlib.nullcontext():
-            return clip_text_encoder(
-                dims[i], projection_dim=dims[i] if projection else None, num_layers=1,
-                intermediate_size=64, seed=seed + 10 + i,
-            )
-
-    common = dict(scheduler=default_scheduler(spec.family), tokenizer=_tokenizer())
-    if spec.family in ("sd15", "sd21"):
-        pipe = diffusers.StableDiffusionPipeline(
-            unet=denoiser, vae=tiny_vae(4, levels=4, seed=seed + 1), text_encoder=te(0, False),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common,
-        )
-    elif spec.family == "sdxl":
-        pipe = diffusers.StableDiffusionXLPipeline(
-            unet=denoiser, vae=tiny_vae(4, levels=4, seed=seed + 1), text_encoder=te(0, False),
-            text_encoder_2=te(1, True), tokenizer_2=_tokenizer("!"), **common,
-        )
-    else:
-        pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=denoiser, vae=tiny_vae(16, levels=4, sd3=True, seed=seed + 1),
-            text_encoder=te(0, True), text_encoder_2=te(1, True), tokenizer_2=_tokenizer("!"),
-            text_encoder_3=None, tokenizer_3=None, **common,
-        )
-    for name in ("vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            nn.Module.to(module, device=device, dtype=dtype)
-    pipe.edm_family = spec.family
-    return pipe
+    return {
+        "hidden_states": sample,
+        "timestep": timestep,
+        "encoder_hidden_states": ctx,
+        "pooled_projections": torch.zeros(batch_size, spec.pooled_dim, **kw),
+    }

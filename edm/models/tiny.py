@@ -78,15 +78,17 @@ def clip_text_encoder(
 
 
 def tiny_vae(latent_channels: int = 4, levels: int = 2, sd3: bool = False, seed: int = 0):
-    """A small ``AutoencoderKL``; ``levels`` blocks give a ``2**(levels-1)`` downsampling factor."""
+    """A small ``AutoencoderKL``; ``levels`` blocks downsample by ``2**(levels-1)``."""
     from diffusers import AutoencoderKL
 
     extra: dict[str, Any] = {}
     if sd3:  # SD3's VAE: 16 channels, shift + scale, no (post-)quant conv
-        extra = dict(
-            shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        extra = {
+            "shift_factor": 0.0609,
+            "scaling_factor": 1.5305,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(
@@ -116,12 +118,17 @@ def default_scheduler(family: str):
     return getattr(diffusers, name)(**kwargs)
 
 
-_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+_SD_BETAS = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+}
 _SCHEDULERS = {
     "sd15": ("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
     "sd21": ("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
     "sdxl": ("EulerDiscreteScheduler", dict(_SD_BETAS, timestep_spacing="leading")),
-    "sd3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+    "sd3": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
 }
 
 
@@ -272,7 +279,9 @@ class TinyPipeline:
         from edm.models.zoo import _scheduler_class
 
         if kind not in TINY_BUILDERS:
-            raise ConfigError("model.loader.kind", f"unknown tiny model {kind!r}.", list(TINY_BUILDERS))
+            raise ConfigError(
+                "model.loader.kind", f"unknown tiny model {kind!r}.", list(TINY_BUILDERS)
+            )
         try:
             inspect.signature(TINY_BUILDERS[kind]).bind(seed=seed, **builder_kwargs)
         except TypeError as err:
@@ -289,10 +298,19 @@ class TinyPipeline:
         from edm.models.zoo import _set_scheduler, to_dtype
 
         if family != self.kind:
-            raise ConfigError("model.family", f"tiny_{self.kind} is family {self.kind!r}, got {family!r}.", [self.kind])
+            raise ConfigError(
+                "model.family",
+                f"tiny_{self.kind} is family {self.kind!r}, got {family!r}.",
+                [self.kind],
+            )
         pipe = TINY_BUILDERS[self.kind](seed=self.seed, **self.builder_kwargs)
         _set_scheduler(pipe, self.scheduler)
-        pipe = pipe.to(device=device, dtype=to_dtype(dtype))
+        dtype = to_dtype(dtype)
+        pipe = pipe.to(device)
+        if (
+            dtype != torch.float32
+        ):  # built in fp32; skipping the no-op cast avoids a diffusers warning
+            pipe = pipe.to(dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         pipe.edm_family = family
         return pipe

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import inspect
+import json
+import tempfile
 from pathlib import Path
 
 # open_clip keeps 49152 - 256 - 2 merges (the file holds a few more); the vocabulary is then
@@ -49,7 +52,8 @@ def _bytes_to_unicode() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """``(vocab, merges)`` of the CLIP tokenizer, parsed once per process from open_clip's file."""
-    lines = gzip.open(bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]  # line 0: version
     symbols = _bytes_to_unicode()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
@@ -58,20 +62,37 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def clip_tokenizer(model_max_length: int = 77, pad_token: str = EOS):
+@functools.lru_cache(maxsize=1)
+def _files_dir() -> Path:
+    """``vocab.json`` + ``merges.txt`` written once per process (for the ``from_pretrained`` path)."""
+    vocab, merges = clip_vocab_and_merges()
+    folder = Path(tempfile.mkdtemp(prefix="edm_clip_bpe_"))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def clip_tokenizer(
+    model_max_length: int = 77, pad_token: str = EOS, via_files: bool | None = None
+):
     """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, built offline.
 
     Args:
         model_max_length: padding/truncation length; 77 for every Stable Diffusion model.
         pad_token: ``<|endoftext|>`` for SD1.x's CLIP-L (the default); SDXL's and SD3's second
             tokenizer (OpenCLIP-bigG) pad with ``"!"`` (id 0). Only the pad ids differ.
+        via_files: build from ``vocab.json``/``merges.txt`` written to a temporary folder with
+            ``from_pretrained`` (works on transformers 4 and 5) instead of the in-memory
+            ``CLIPTokenizer(vocab=..., merges=...)`` (transformers >= 5). Default: in memory
+            when the installed transformers supports it.
     """
     from transformers import CLIPTokenizer
 
+    if via_files is None:
+        via_files = "merges" not in inspect.signature(CLIPTokenizer.__init__).parameters
+    kwargs = {"model_max_length": model_max_length, "pad_token": pad_token}
+    if via_files:
+        return CLIPTokenizer.from_pretrained(str(_files_dir()), **kwargs)
     vocab, merges = clip_vocab_and_merges()
-    return CLIPTokenizer(
-        vocab=dict(vocab),
-        merges=list(merges),
-        model_max_length=model_max_length,
-        pad_token=pad_token,
-    )
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **kwargs)

@@ -15,14 +15,17 @@ Loaders: :class:`HubPipeline` (real weights from the local Hugging Face cache or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from edm.errors import ConfigError, MissingWeightsError
 from edm.families import FAMILIES
+from edm.models.archs import ArchSpec, arch_spec, build_denoiser
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def _check_family(family: str, allowed=FAMILIES) -> None:
 
 
 def _scheduler_class(name: str | None):
-    """Validate a scheduler override (a diffusers class name such as ``DPMSolverMultistepScheduler``)."""
+    """Validate a scheduler override (a diffusers class name, e.g. ``EulerDiscreteScheduler``)."""
     if name is None:
         return None
     import diffusers
@@ -134,8 +137,17 @@ class HubPipeline:
             "edm never downloads at run time. Pre-fetch them once on a machine with network:",
             f"    hf download {self.repo_id}{excl}",
             f"    (older huggingface_hub: huggingface-cli download {self.repo_id}{excl})",
-            "into the cache this job will read (HF_HOME, default ~/.cache/huggingface; set "
-            "HF_HOME to a shared path on clusters), or point the config at a local copy:",
+        ]
+        if self.variant:
+            lines.append(
+                f'    (only the {self.variant} weights: add --include "*.json" "*.txt" '
+                f'"*.model" "*.{self.variant}*")'
+            )
+        lines += [
+            (
+                "into the cache this job will read (HF_HOME, default ~/.cache/huggingface; set "
+                "HF_HOME to a shared path on clusters), or point the config at a local copy:"
+            ),
             "    python run.py model=... model.loader.path=/local/folder",
         ]
         if self.gated:
@@ -150,22 +162,25 @@ class HubPipeline:
         if self.path:
             root = Path(self.path).expanduser()
             if not root.is_dir():
-                raise MissingWeightsError(self._how_to_fetch(f"model.loader.path={root} does not exist."))
+                raise MissingWeightsError(
+                    self._how_to_fetch(f"model.loader.path={root} does not exist.")
+                )
             return root
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
             return Path(
                 snapshot_download(self.repo_id, revision=self.revision, local_files_only=True)
             )
-        except (LocalEntryNotFoundError, OSError, ValueError) as err:
-            raise MissingWeightsError(
-                self._how_to_fetch(f"no snapshot in the local Hugging Face cache ({err}).")
-            ) from None
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            where = (
+                f"no snapshot (revision {self.revision or 'main'}) in {constants.HF_HUB_CACHE}."
+            )
+            raise MissingWeightsError(self._how_to_fetch(where)) from None
 
     def check(self) -> Path:
-        """Raise ``MissingWeightsError`` unless every needed component is on disk; return its folder.
+        """Raise ``MissingWeightsError`` unless all needed components are on disk; return root.
 
         Reads ``model_index.json`` and checks that each component folder the pipeline will load
         exists, with a config and weight files (every shard of a sharded checkpoint). Files only
@@ -189,7 +204,7 @@ class HubPipeline:
                 continue
             if any(k in spec[1] for k in _NOT_WEIGHTS):
                 continue
-            missing += [f"{name}/{m}" for m in _missing_weight_files(folder)]
+            missing += [f"{name}/{m}" for m in _missing_weight_files(folder, self.variant)]
         if missing:
             raise MissingWeightsError(
                 self._how_to_fetch(f"missing or incomplete in {root}: {', '.join(missing)}.")
@@ -198,19 +213,21 @@ class HubPipeline:
 
     # -- load ---------------------------------------------------------------------------------
     def load(self, family: str, dtype: str | torch.dtype, device: str | torch.device):
-        """Load the pipeline with ``from_pretrained(local_files_only=True)``; sets ``edm_family``."""
+        """Load with ``from_pretrained(local_files_only=True)``; sets ``pipe.edm_family``."""
         import diffusers
 
         _check_family(family, tuple(PIPELINE_CLASSES))
         root = self.check()
         cls = getattr(diffusers, PIPELINE_CLASSES[family])
-        kwargs: dict = dict(torch_dtype=to_dtype(dtype), local_files_only=True)
+        kwargs: dict = {"torch_dtype": to_dtype(dtype), "local_files_only": True}
         if self.variant:
             kwargs["variant"] = self.variant
         if family == "sd3" and self.drop_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         if family in ("sd15", "sd21") and not self.safety_checker:
-            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            kwargs.update(
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
         log.info("Loading %s from %s <model.loader.repo_id=%s>", cls.__name__, root, self.repo_id)
         pipe = cls.from_pretrained(str(root), **kwargs)
         _set_scheduler(pipe, self.scheduler)
@@ -220,18 +237,23 @@ class HubPipeline:
         return pipe
 
 
-def _missing_weight_files(folder: Path) -> list[str]:
-    """Names of what a model component folder lacks: its config, or (any of) its weights."""
+def _missing_weight_files(folder: Path, variant: str | None = None) -> list[str]:
+    """What a model component folder lacks: its config, or (any shard of) its weights.
+
+    With a ``variant`` (``fp16``), the variant's files are checked when the folder has any
+    (``model.fp16.safetensors``, ``model.fp16-00001-of-00002.safetensors``,
+    ``model.safetensors.index.fp16.json``), else the plain ones, as diffusers falls back to them.
+    """
     missing = [] if (folder / "config.json").exists() else ["config.json"]
-    indexes = [f for f in folder.glob("*.index.json") if f.exists()]
-    for idx in indexes:  # sharded: every listed shard must be there
+    files = [f for f in folder.iterdir() if f.exists()]
+    tags = (f".{variant}.", f".{variant}-") if variant else ()
+    is_variant = {f: any(t in f.name for t in tags) for f in files}
+    use_variant = any(is_variant.values())
+    files = [f for f in files if is_variant[f] == use_variant]
+    for idx in (f for f in files if f.name.endswith(".json") and ".index" in f.name):
         shards = set(json.loads(idx.read_text()).get("weight_map", {}).values())
         missing += sorted(s for s in shards if not (folder / s).exists())
-    weights = [
-        f for f in folder.iterdir()
-        if f.suffix in (".safetensors", ".bin") and f.exists()
-    ]
-    if not weights:
+    if not any(f.suffix in (".safetensors", ".bin") for f in files):
         missing.append("*.safetensors")
     return missing
 
@@ -246,18 +268,19 @@ class FullSizePipeline:
 
     Args:
         arch: ``sd15``, ``sd21``, ``sdxl``, ``sd3_medium``, ``sd35_medium``, ``sd35_large``.
-        device: ``meta`` (no memory: parameter counts, and FLOPs with
-            ``edm.eval.flops.meta_denoiser_flops``) or ``None`` to use the run's device
-            (random weights; SDXL needs ~5 GB in bf16).
+        device: ``meta`` (no memory: parameter counts, and FLOPs of the denoiser with
+            ``edm.eval.flops.meta_denoiser_flops`` / ``meta_step_flops``; a meta pipeline
+            cannot be *called*, schedulers need real numbers) or ``None`` to use the run's
+            device (random weights; SDXL needs ~5 GB in bf16).
         seed: weight seed.
     """
 
     def __init__(self, arch: str, device: str | None = None, seed: int = 0):
-        from edm.models.archs import arch_spec
-
         self.spec = arch_spec(arch)
         if device not in (None, "meta", "cpu", "cuda") and not str(device).startswith("cuda:"):
-            raise ConfigError("model.loader.device", f"unknown device {device!r}.", ["meta", "cpu", "cuda", None])
+            raise ConfigError(
+                "model.loader.device", f"unknown device {device!r}.", ["meta", "cpu", "cuda", None]
+            )
         self.device = device
         self.seed = seed
 
@@ -265,11 +288,89 @@ class FullSizePipeline:
         """Nothing to fetch (random weights)."""
 
     def load(self, family: str, dtype: str | torch.dtype, device: str | torch.device):
-        from edm.models.archs import full_pipeline
-
         _check_family(family, (self.spec.family,))
         device = self.device or device
         pipe = full_pipeline(self.spec, device=device, dtype=to_dtype(dtype), seed=self.seed)
         pipe.set_progress_bar_config(disable=True)
         pipe.edm_family = family
         return pipe
+
+
+def full_pipeline(
+    arch: str | ArchSpec,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A diffusers pipeline around the full-size denoiser of ``arch`` (random weights).
+
+    Only the denoiser is real-sized. Text encoders are 1-layer CLIP stand-ins with the real
+    hidden sizes (so the denoiser gets real context shapes: 77 x 768 for SD1.5, 77 x 2048 plus a
+    1280 pooled vector for SDXL...), the VAE is a small stand-in with the real latent channels
+    and 8x downsampling, and SD3 runs without T5 (256 zero tokens in its place). Use it for
+    latency and FLOPs of the denoiser, never for image quality.
+
+    Args:
+        arch: architecture name or spec (see ``edm.models.archs.ARCHS``).
+        device: ``meta`` (no memory; denoiser FLOPs via ``edm.eval.flops``) or a real device.
+        dtype: dtype of every component.
+        seed: weight seed.
+    """
+    import diffusers
+
+    from edm.models.tiny import _tokenizer, clip_text_encoder, default_scheduler, tiny_vae
+
+    spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
+    denoiser = build_denoiser(spec, device=device, dtype=dtype, seed=seed)
+    dims = spec.text_dims
+
+    on_meta = torch.device(device).type == "meta"
+
+    def te(i: int, projection: bool):
+        # On meta, build the stand-ins there too: a 49408 x 1280 embedding is not free on CPU.
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            return clip_text_encoder(
+                dims[i],
+                projection_dim=dims[i] if projection else None,
+                num_layers=1,
+                intermediate_size=64,
+                seed=seed + 10 + i,
+            )
+
+    common = {"scheduler": default_scheduler(spec.family), "tokenizer": _tokenizer()}
+    if spec.family in ("sd15", "sd21"):
+        pipe = diffusers.StableDiffusionPipeline(
+            unet=denoiser,
+            vae=tiny_vae(4, levels=4, seed=seed + 1),
+            text_encoder=te(0, False),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **common,
+        )
+    elif spec.family == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(
+            unet=denoiser,
+            vae=tiny_vae(4, levels=4, seed=seed + 1),
+            text_encoder=te(0, False),
+            text_encoder_2=te(1, True),
+            tokenizer_2=_tokenizer("!"),
+            **common,
+        )
+    else:
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=denoiser,
+            vae=tiny_vae(16, levels=4, sd3=True, seed=seed + 1),
+            text_encoder=te(0, True),
+            text_encoder_2=te(1, True),
+            tokenizer_2=_tokenizer("!"),
+            text_encoder_3=None,
+            tokenizer_3=None,
+            **common,
+        )
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            nn.Module.to(module, device=device, dtype=dtype)
+    pipe.edm_family = spec.family
+    return pipe

@@ -15,11 +15,11 @@ TOL = 1e-5
 os.environ["HF_HOME"] = str(WORK / "hf")  # before huggingface_hub is imported
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import torch  # noqa: E402
+import torch
 
-from edm.eval.base import ImageSet, PromptItem  # noqa: E402
-from edm.eval.image_reward import ImageReward  # noqa: E402
-from edm.eval.image_reward_model import MAX_TEXT_LEN  # noqa: E402
+from edm.eval.base import ImageSet, PromptItem
+from edm.eval.image_reward import ImageReward
+from edm.eval.image_reward_model import MAX_TEXT_LEN
 
 
 def main() -> int:
@@ -34,14 +34,18 @@ def main() -> int:
     ours = res["image_reward_per_image"]
     scorer = ev.scorer()
     ranked = scorer.score([prompts[0]] * 3, images.paths[:3])
-    ids = scorer.tokenizer(prompts, padding="max_length", truncation=True,
-                           max_length=MAX_TEXT_LEN)["input_ids"]
+    ids = scorer.tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=MAX_TEXT_LEN
+    )["input_ids"]
 
     diffs = [abs(a - b) for a, b in zip(ours, up["scores"])]
     diffs_rank = [abs(a - b) for a, b in zip(ranked, up["rank_prompt0_images012"])]
     ids_equal = [list(a) == list(b) for a, b in zip(ids, up["input_ids"])]
     spread = max(up["scores"]) - min(up["scores"])
-    print(f"edm:      transformers/timm/setuptools = {_versions()}")
+    print(
+        f"edm: transformers/timm/setuptools = {_versions()}; checkpoint keys loaded "
+        f"{len(scorer.model.state_dict())}, unused {scorer.model.unused_keys}"
+    )
     print("edm scores:     ", " ".join(f"{s:+.6f}" for s in ours))
     print("upstream scores:", " ".join(f"{s:+.6f}" for s in up["scores"]))
     print(f"max |edm - upstream| per-image = {max(diffs):.3e} (spread of scores {spread:.3f})")

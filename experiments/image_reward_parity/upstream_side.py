@@ -1,17 +1,19 @@
 """Upstream half of the ImageReward parity check; runs in the isolated env (image-reward==1.5).
 
 Writes into WORK (argv[1]):
-  hf/hub/...                 an offline Hugging Face cache holding a small bert-base-uncased
-                             vocabulary (repo ``bert-base-uncased``) and the checkpoint + med_config
-                             (repo ``THUDM/ImageReward``), so both sides resolve files the real way;
-  images/000000.png ...      test images of several sizes/modes (the edm ImageSet layout);
-  prompts.json               one prompt per image;
-  upstream.json              upstream rewards (score() per image and inference_rank()) and token ids.
+  hf/hub/...              an offline Hugging Face cache holding a small bert-base-uncased
+                          vocabulary (repo ``bert-base-uncased``) and the checkpoint and
+                          med_config (repo ``THUDM/ImageReward``): both sides resolve files
+                          the real way;
+  images/000000.png ...   test images of several sizes/modes (the edm ImageSet layout);
+  prompts.json            one prompt per image;
+  upstream.json           upstream rewards (score() per image, inference_rank()), token ids.
 
 The checkpoint is the state dict of upstream's own ``ImageReward`` module (the official key layout,
 ``blip.*`` + ``mlp.*``) with seeded random weights; LayerNorm affine parameters and biases are
 perturbed and the reward head is rescaled so every part of the network moves the scores.
-It is then loaded exactly as ``ImageReward.load`` does (``load_state_dict(strict=False)``, ``eval()``).
+It is then loaded exactly as ``ImageReward.load`` does (``load_state_dict(strict=False)``,
+``eval()``).
 """
 
 import hashlib
@@ -38,8 +40,14 @@ PROMPTS = [
     "",  # empty prompt: only [CLS] [SEP]
     "An ELEPHANT standing near a river; birds flying above.",
 ]
-WORDS = sorted({w for p in PROMPTS for w in p.lower().replace(".", " ").replace(",", " ")
-                .replace(";", " ").split() if w != "zyzzyva-shaped"})
+WORDS = sorted(
+    {
+        w
+        for p in PROMPTS
+        for w in p.lower().replace(".", " ").replace(",", " ").replace(";", " ").split()
+        if w != "zyzzyva-shaped"
+    }
+)
 
 
 def write_cache_file(repo: str, name: str, data: bytes) -> Path:
@@ -61,8 +69,16 @@ def make_vocab() -> list[str]:
 
 def make_images(n: int) -> None:
     rng = np.random.default_rng(0)
-    sizes = [(512, 512), (640, 480), (300, 500), (224, 224), (1024, 768), (97, 131), (512, 512),
-             (256, 256)]
+    sizes = [
+        (512, 512),
+        (640, 480),
+        (300, 500),
+        (224, 224),
+        (1024, 768),
+        (97, 131),
+        (512, 512),
+        (256, 256),
+    ]
     (WORK / "images").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         w, h = sizes[i % len(sizes)]
@@ -92,18 +108,37 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("PARITY_THREADS", "2")))
     vocab = make_vocab()
     write_cache_file("bert-base-uncased", "vocab.txt", ("\n".join(vocab) + "\n").encode())
-    write_cache_file("bert-base-uncased", "tokenizer_config.json",
-                     json.dumps({"do_lower_case": True, "model_max_length": 512}).encode())
-    write_cache_file("bert-base-uncased", "config.json", json.dumps({"model_type": "bert"}).encode())
+    write_cache_file(
+        "bert-base-uncased",
+        "tokenizer_config.json",
+        json.dumps({"do_lower_case": True, "model_max_length": 512}).encode(),
+    )
+    write_cache_file(
+        "bert-base-uncased", "config.json", json.dumps({"model_type": "bert"}).encode()
+    )
     # The released med_config.json with vocab_size = this vocabulary + [DEC] + [ENC].
-    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1,
-           "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "hidden_size": 768,
-           "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-12,
-           "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
-           "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2,
-           "vocab_size": len(vocab) + 2, "encoder_width": 768, "add_cross_attention": True}
-    med_path = write_cache_file("THUDM/ImageReward", "med_config.json",
-                                json.dumps(med, indent=2).encode())
+    med = {
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": 768,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 512,
+        "model_type": "bert",
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": len(vocab) + 2,
+        "encoder_width": 768,
+        "add_cross_attention": True,
+    }
+    med_path = write_cache_file(
+        "THUDM/ImageReward", "med_config.json", json.dumps(med, indent=2).encode()
+    )
     make_images(len(PROMPTS))
     (WORK / "prompts.json").write_text(json.dumps(PROMPTS, indent=1))
 
@@ -130,14 +165,18 @@ def main() -> None:
         "scores": per_image,
         "rank_prompt0_images012": ranked,
         "input_ids": tok["input_ids"],
-        "missing_keys": msg.missing_keys, "unexpected_keys": msg.unexpected_keys,
-        "checkpoint_keys": len(sd), "checkpoint_params": int(sum(v.numel() for v in sd.values())),
+        "missing_keys": msg.missing_keys,
+        "unexpected_keys": msg.unexpected_keys,
+        "checkpoint_keys": len(sd),
+        "checkpoint_params": int(sum(v.numel() for v in sd.values())),
         "checkpoint_sha256": hashlib.sha256(ckpt.read_bytes()).hexdigest(),
         "key_prefixes": sorted({".".join(k.split(".")[:2]) for k in sd}),
     }
     (WORK / "upstream.json").write_text(json.dumps(out, indent=1))
-    print(f"upstream: {len(sd)} checkpoint keys, {out['checkpoint_params']:,} values, "
-          f"prefixes {out['key_prefixes']}")
+    print(
+        f"upstream: {len(sd)} checkpoint keys, {out['checkpoint_params']:,} values, "
+        f"prefixes {out['key_prefixes']}"
+    )
     print(f"upstream: load_state_dict missing={msg.missing_keys} unexpected={msg.unexpected_keys}")
     print("upstream scores:", " ".join(f"{s:+.6f}" for s in per_image))
 

@@ -34,7 +34,7 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from edm.errors import ConfigError
+from edm.errors import ConfigError, NothingPatchedError
 from edm.families import AttentionBlock, adapter
 from edm.methods.base import ApplyContext, MethodReport, Patcher, RuntimeMethod
 from edm.methods.token.dsap import DSAP
@@ -63,7 +63,7 @@ class _Run:
     tracker: StepTracker
     seed: int | None
     generator: torch.Generator | None = None
-    seeded_call: int = -1  # tracker call count at which ``generator`` was last re-seeded
+    seeded_for: int = -1  # trajectory (its first call's number) ``generator`` was seeded for
 
     def generator_for(self, device: torch.device) -> torch.Generator:
         # Draws happen on the activations' device (CPU for meta/mps), as in tomesd.
@@ -72,10 +72,15 @@ class _Run:
         if self.seed is not None:
             # Re-seeded at every trajectory start: an image does not depend on earlier batches,
             # so resumed or sharded generation reproduces it.
-            new_traj = state.step_index == 0 and self.seeded_call != state.calls
-            if self.generator is None or self.generator.device != dev or new_traj:
+            # (Keyed by the trajectory, not by step 0: DSAP may merge nothing at step 0.)
+            trajectory = state.calls - max(state.step_index, 0)
+            if (
+                self.generator is None
+                or self.generator.device != dev
+                or trajectory != self.seeded_for
+            ):
                 self.generator = torch.Generator(dev).manual_seed(self.seed)
-                self.seeded_call = state.calls
+                self.seeded_for = trajectory
         elif self.generator is None or self.generator.device != dev:
             # tomesd: fork the device's global RNG at first use and keep drawing from the fork.
             self.generator = torch.Generator(dev)
@@ -293,6 +298,14 @@ class ToMe(RuntimeMethod):
                 layers.append(
                     {"name": layer_name, "downsample": ds, "merged": [n for n, _ in targets]}
                 )
+        if not layers and skipped:
+            # The SDXL pitfall (spec §3.1): tomesd silently does nothing here.
+            finest = min(downsample(b) for b in ad.attention_blocks(denoiser))
+            raise NothingPatchedError(
+                f"<method.max_downsample={self.max_downsample}> selects no attention block of this "
+                f"{ctx.family} model: its finest attention level has downsample {finest} (SDXL has "
+                f"no attention at full resolution); use method.max_downsample={finest} or more"
+            )
         self._run = run
         return MethodReport(
             name=self.name,

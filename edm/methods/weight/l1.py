@@ -60,8 +60,9 @@ class L1Norm(PruningMethod):
     Args:
         sparsity: fraction of heads / FFN neurons removed in every targeted module
             (``round(n * sparsity)``, at least one kept), as structured OBS-Diff.
-        exclude_first_last: skip the first and last transformer layers, as OBS-Diff's structured
-            tables do for every method (default True).
+        exclude_first_last: skip the first and last transformer layers; ``None`` (default) as
+            OBS-Diff's tables: excluded for MMDiT, included for UNets (see
+            :func:`edm.methods.weight.slicing.resolve_exclude_first_last`).
         score_on: ``producer`` (Li et al.: the channel's own weights, default), ``consumer``
             (output-projection columns) or ``both``.
     """
@@ -72,7 +73,7 @@ class L1Norm(PruningMethod):
     def __init__(
         self,
         sparsity: float,
-        exclude_first_last: bool = True,
+        exclude_first_last: bool | None = None,
         score_on: str = "producer",
         name: str = "l1",
         **kwargs,
@@ -83,7 +84,7 @@ class L1Norm(PruningMethod):
         super().__init__(sparsity, name=name, **kwargs)
         if score_on not in SCORE_ON:
             raise ConfigError("method.score_on", f"unknown {score_on!r}.", SCORE_ON)
-        self.exclude_first_last = bool(exclude_first_last)
+        self.exclude_first_last = exclude_first_last
         self.score_on = score_on
 
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:

@@ -27,6 +27,7 @@ from torch import nn
 
 from edm.families import adapter
 from edm.methods.weight import structured as K
+from edm.methods.weight.calibrate import split_packages  # the same packages as part A's methods
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,23 @@ def forward_order(blocks: list) -> list:
     return sorted(blocks, key=lambda b: (_STAGE_RANK.get(b.stage, 0), b.stage_index, b.position))
 
 
+def resolve_exclude_first_last(exclude_first_last: bool | None, arch: str) -> bool:
+    """``None`` = what the paper's tables do for this architecture.
+
+    MMDiT: excluded (Tables 4 and 9 say "first and last transformer blocks were excluded").
+    UNet: included -- Table 3 (SDXL, 30 %: 1.91 B params, 4.70 TFLOPs) is reproduced only with
+    every block pruned (1.912 B / 4.693 T measured; excluding the first and last
+    ``BasicTransformerBlock`` gives 1.918 B / 4.730 T), see experiments/results/bench_structured.md.
+    """
+    if exclude_first_last is None:
+        return arch == "mmdit"
+    return bool(exclude_first_last)
+
+
 def structured_targets(
     denoiser: nn.Module,
     family: str,
-    exclude_first_last: bool = True,
+    exclude_first_last: bool | None = None,
     groups=("attn", "ff", "context"),
 ) -> list[StructuredTarget]:
     """All structured targets of a denoiser, in forward order.
@@ -113,13 +127,15 @@ def structured_targets(
     Args:
         denoiser: ``pipe.unet`` or ``pipe.transformer``.
         family: model family (selects the adapter: UNet or MMDiT).
-        exclude_first_last: skip the first and last transformer layers (forward order). Default
-            True: OBS-Diff's tables report "first and last transformer blocks excluded" (the
-            public script only skips the last, ``context_pre_only`` block; see spec §2.4).
+        exclude_first_last: skip the first and last transformer layers (forward order);
+            ``None`` (default) follows the paper's tables: True for MMDiT, False for UNets (see
+            :func:`resolve_exclude_first_last`). The public script only skips the last MMDiT
+            block (``context_pre_only``); spec §2.4.
         groups: ``attn`` = attention heads (MMDiT joint attention prunes both streams' heads
             together, they share heads), ``ff`` = image FFN neurons, ``context`` = MMDiT text FFN.
     """
     ad = adapter(family)
+    exclude_first_last = resolve_exclude_first_last(exclude_first_last, ad.arch)
     layers = [(n, m) for blk in forward_order(ad.attention_blocks(denoiser)) for n, m in blk.layers]
     targets = []
     for idx, (name, layer) in enumerate(layers):
@@ -273,20 +289,13 @@ def slice_targets(targets: list[StructuredTarget]) -> dict:
     return out
 
 
-def split_packages(units: list, num_packages: int) -> list[list]:
-    """Contiguous, near-equal split of ordered units (OBS-Diff module packages)."""
-    num_packages = max(1, min(num_packages, len(units)))
-    bounds = [round(i * len(units) / num_packages) for i in range(num_packages + 1)]
-    return [units[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
 def prune_structured(
     denoiser: nn.Module,
     family: str,
     sparsity: float,
     collect_hessians: Callable[[list[Named]], dict[str, torch.Tensor]],
     *,
-    exclude_first_last: bool = True,
+    exclude_first_last: bool | None = None,
     num_packages: int = 4,
     percdamp: float = 0.01,
     no_compensate: bool = False,

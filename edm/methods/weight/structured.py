@@ -24,11 +24,11 @@ import torch
 
 __all__ = [
     "StructuredResult",
-    "obs_prune_structured",
+    "ffn_round_sizes",
     "obs_prune_heads_joint",
+    "obs_prune_structured",
     "reciprocal_rank_fusion",
     "reconstruction_error",
-    "ffn_round_sizes",
 ]
 
 
