@@ -258,6 +258,8 @@ class FID:
                 str(path.parent), download=False, resize_inside=self.mode == "legacy_tensorflow"
             )
             self._model = net.to(self._device()).eval()
+        elif isinstance(self._model, torch.nn.Module):
+            self._model.to(self._device()).eval()  # an injected module follows `device` too
         return self._model
 
     def _resizer(self) -> Callable | None:

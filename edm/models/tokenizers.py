@@ -63,14 +63,18 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _files_dir() -> Path:
-    """``vocab.json`` + ``merges.txt`` written once per process (for the ``from_pretrained`` path)."""
+def _files_dir() -> tempfile.TemporaryDirectory:
+    """``vocab.json`` + ``merges.txt`` written once per process (for the ``from_pretrained`` path).
+
+    The cached ``TemporaryDirectory`` keeps the folder alive and removes it at interpreter exit.
+    """
     vocab, merges = clip_vocab_and_merges()
-    folder = Path(tempfile.mkdtemp(prefix="edm_clip_bpe_"))
+    tmp = tempfile.TemporaryDirectory(prefix="edm_clip_bpe_")
+    folder = Path(tmp.name)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
+    return tmp
 
 
 def clip_tokenizer(
@@ -93,6 +97,6 @@ def clip_tokenizer(
         via_files = "merges" not in inspect.signature(CLIPTokenizer.__init__).parameters
     kwargs = {"model_max_length": model_max_length, "pad_token": pad_token}
     if via_files:
-        return CLIPTokenizer.from_pretrained(str(_files_dir()), **kwargs)
+        return CLIPTokenizer.from_pretrained(_files_dir().name, **kwargs)
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), **kwargs)

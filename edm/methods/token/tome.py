@@ -233,11 +233,9 @@ class ToMe(RuntimeMethod):
             )
         self.ratio, self.max_downsample, self.sx, self.sy = float(ratio), max_downsample, sx, sy
         self.use_rand, self.seed = use_rand, seed
-        self.merge_attn, self.merge_crossattn, self.merge_mlp = (
-            merge_attn,
-            merge_crossattn,
-            merge_mlp,
-        )
+        self.merge_attn = merge_attn
+        self.merge_crossattn = merge_crossattn
+        self.merge_mlp = merge_mlp
         self.dsap = DSAP.from_cfg(dsap)  # None = off
         early = self.dsap.early_prune_ratio
         if self.dsap.enabled and early is not None and not 0 <= early <= max_ratio:

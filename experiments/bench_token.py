@@ -1,0 +1,250 @@
+"""Token pruning wall-clock on CPU: dense vs AT-EDM vs ToMe at matched FLOPs (issue 4, item 7).
+
+Full-size denoisers (``edm.models.archs``, random weights), 512², batch 2 (one CFG step of one
+image: equal latent halves, different text halves), one UNet call per row and round. All rows of a
+model share one model in one process; rows are alternated (the order rotates every round) so a
+load change on the shared machine hits every row alike. Speed-up = median over rounds of
+``t_dense / t_row`` from the same round. FLOPs are counted on the same architecture on the meta
+device at the same shapes (a late denoising step: DSAP off). Fused SDPA stays on for every layer
+that does not need a map; AT-EDM materialises maps only at its pruning layers.
+
+Overhead breakdown (AT-EDM rows, ``profile=True``): ``map`` is the explicit attention of the
+pruning layers (map + output in one pass); ``map - sdpa`` subtracts the fused-SDPA time of the
+same layers measured in the dense row; ``gwpr``, ``mask`` (top-k + refill sources), ``gather``
+and ``refill`` are the rest. Target: AT-EDM speed-up >= 0.9 x its FLOPs ratio.
+
+    python experiments/bench_token.py --threads 1 --rounds 3 --out experiments/results/bench_token.md
+
+Rows: ``ROWS[name] = factory(bench) -> Method | None`` (``None`` = dense). A factory may use
+``bench.match(make, lo, hi)`` to find the parameter at which ``make(x)`` has the FLOPs of the
+``at_edm`` row (bisection on the meta model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+
+import torch
+
+from edm.eval.flops import meta_denoiser_flops
+from edm.methods.base import ApplyContext
+from edm.methods.token.atedm import ATEDM
+from edm.models import archs
+
+NO_DSAP = {"enabled": False}  # one call = a late denoising step
+
+
+class Bench:
+    """One architecture at one shape: meta copy for FLOPs, CPU copy for timing."""
+
+    def __init__(self, arch: str, size: int, batch: int, dtype: torch.dtype):
+        self.arch, self.size, self.batch, self.dtype = arch, size, batch, dtype
+        self.family = archs.arch_spec(arch).family
+        self.meta = archs.build_denoiser(arch)
+        self.meta_inputs = archs.sample_inputs(arch, size, size, batch)
+        self.meta_inputs["timestep"] = 500
+        self.flops_cache: dict[str, float] = {}
+        self.target: float | None = None  # FLOPs of the at_edm row
+
+    def pipe(self, denoiser):
+        attr = "unet" if archs.arch_spec(self.arch).is_unet else "transformer"
+        return types.SimpleNamespace(**{attr: denoiser}, scheduler=None, edm_family=self.family)
+
+    def flops(self, method) -> float:
+        if method is None:
+            return float(meta_denoiser_flops(self.meta, self.meta_inputs))
+        pipe = self.pipe(self.meta)
+        method.apply(pipe, ApplyContext(family=self.family))
+        try:
+            return float(meta_denoiser_flops(self.meta, self.meta_inputs))
+        finally:
+            method.remove(pipe)
+
+    def match(self, make: Callable[[float], object], lo: float, hi: float, iters: int = 7) -> float:
+        """Parameter in [lo, hi] whose method has the FLOPs of the ``at_edm`` row (monotone)."""
+        assert self.target is not None, "the at_edm row must come first"
+        best = (hi, abs(self.flops(make(hi)) - self.target))
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            f = self.flops(make(mid))
+            if abs(f - self.target) < best[1]:
+                best = (mid, abs(f - self.target))
+            lo, hi = (mid, hi) if f > self.target else (lo, mid)
+        return round(best[0], 4)
+
+
+def _atedm(**kw):
+    return lambda bench: ATEDM(dsap=NO_DSAP, profile=True, **kw)
+
+
+def _tome(bench: Bench):
+    from edm.methods.token.tome import ToMe
+
+    # merge everything on every level: attention-only ToMe cannot reach AT-EDM's FLOPs
+    def make(r):
+        return ToMe(ratio=r, max_downsample=8, merge_crossattn=True, merge_mlp=True, seed=0)
+
+    return make(bench.match(make, 0.0, 0.75))
+
+
+# Rows in order; the first AT-EDM row sets the FLOPs that ToMe matches.
+ROWS: dict[str, Callable[[Bench], object]] = {
+    "dense": lambda bench: None,
+    "at_edm": _atedm(),
+    # "dagger": skip the highest-resolution attention level (SD1.5 512²: 64x64, downsample 1;
+    # SDXL 512²: 32x32, downsample 2), where the explicit maps are largest
+    "at_edm_dagger": lambda bench: ATEDM(
+        dsap=NO_DSAP, profile=True, downsamples=[2, 4, 8] if bench.family != "sdxl" else [4]),
+    # --- ToMe rows ---
+    "tome": _tome,
+}
+
+
+def cpu_inputs(arch: str, size: int, batch: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    inp = archs.sample_inputs(arch, size, size, batch, device="cpu", dtype=dtype)
+    half = batch // 2
+    x = torch.randn(inp["sample"][:half].shape, generator=g).to(dtype)
+    inp["sample"] = torch.cat([x, x])  # a CFG batch: equal latent halves
+    inp["encoder_hidden_states"] = torch.randn(inp["encoder_hidden_states"].shape, generator=g).to(dtype)
+    inp["timestep"] = torch.full((batch,), 500.0)
+    return inp
+
+
+def _sdpa_timers(denoiser, layer_names: list[str], acc: dict[str, float]):
+    """Forward pre/post hooks adding the fused attn1 time of each layer to ``acc[name]``."""
+    modules = dict(denoiser.named_modules())
+    handles, start = [], {}
+    for name in layer_names:
+        attn = modules[f"{name}.attn1"]
+
+        def pre(mod, args, name=name):
+            start[name] = time.perf_counter()
+
+        def post(mod, args, out, name=name):
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - start[name]
+
+        handles += [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post)]
+    return handles
+
+
+@torch.no_grad()
+def bench_model(arch: str, rows: list[str], args) -> list[str]:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    bench = Bench(arch, args.size, args.batch, dtype)
+    methods, flops = {}, {}
+    for row in rows:
+        methods[row] = ROWS[row](bench)
+        flops[row] = bench.flops(methods[row])
+        if row == "at_edm":
+            bench.target = flops[row]
+        print(f"[{arch}] {row}: {flops[row] / 1e12:.3f} TFLOPs/call", flush=True)
+    denoiser = archs.build_denoiser(arch, device="cpu", dtype=dtype)
+    pipe = bench.pipe(denoiser)
+    inputs = cpu_inputs(arch, args.size, args.batch, dtype)
+    ctx = ApplyContext(family=bench.family, dtype=dtype)
+    mapped: list[str] = []
+    for row in rows:  # which layers AT-EDM maps (the dense row times their SDPA)
+        if isinstance(methods[row], ATEDM):
+            rep = methods[row].apply(pipe, ctx)
+            mapped = sorted(set(mapped) | set(rep.details["pruning_layers"]))
+            methods[row].remove(pipe)
+    times = {r: [] for r in rows}
+    sdpa_acc: dict[str, float] = {}
+    outputs = {}
+    denoiser(**inputs)  # warm-up, untimed
+    for rnd in range(args.rounds):
+        order = rows[rnd % len(rows):] + rows[: rnd % len(rows)]
+        for row in order:
+            m = methods[row]
+            handles = []
+            if m is None:
+                handles = _sdpa_timers(denoiser, mapped, sdpa_acc)
+            else:
+                m.apply(pipe, ctx)
+            t0 = time.perf_counter()
+            out = denoiser(**inputs)[0]
+            times[row].append(time.perf_counter() - t0)
+            outputs.setdefault(row, out)
+            for h in handles:
+                h.remove()
+            if m is not None:
+                m.remove(pipe)
+            print(f"[{arch}] round {rnd} {row}: {times[row][-1]:.2f} s", flush=True)
+    lines = [f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, "
+             f"{args.threads} thread(s), {args.rounds} rounds\n",
+             "| row | TFLOPs/call | FLOPs ratio | median s | speed-up | speed-up / FLOPs ratio | "
+             "changes output | setting |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio_f = flops["dense"] / flops[row]
+        sp = statistics.median(d / t for d, t in zip(times["dense"], times[row]))
+        changed = "-" if row == "dense" else str(not torch.equal(outputs[row], outputs["dense"]))
+        m = methods[row]
+        setting = "-" if m is None else _describe(m)
+        lines.append(f"| {row} | {flops[row] / 1e12:.3f} | {ratio_f:.3f} | "
+                     f"{statistics.median(times[row]):.2f} | {sp:.3f} | {sp / ratio_f:.2f} | "
+                     f"{changed} | {setting} |")
+    lines += ["", "Overhead per call (AT-EDM rows, seconds; `map - sdpa` = explicit attention of "
+              "the pruning layers minus their fused-SDPA time in the dense row):", "",
+              "| row | map | sdpa (dense) | map - sdpa | gwpr | mask | gather | refill | total extra |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        m = methods[row]
+        if not isinstance(m, ATEDM):
+            continue
+        t = {k: v / args.rounds for k, v in m.timings.items()}
+        mine = m.apply(pipe, ctx).details["pruning_layers"]
+        m.remove(pipe)
+        sdpa = sum(sdpa_acc.get(name, 0.0) for name in mine) / args.rounds
+        extra = t.get("map", 0) - sdpa + sum(t.get(k, 0) for k in ("gwpr", "mask", "gather", "refill"))
+        lines.append(f"| {row} | {t.get('map', 0):.3f} | {sdpa:.3f} | {t.get('map', 0) - sdpa:.3f} | "
+                     f"{t.get('gwpr', 0):.3f} | {t.get('mask', 0):.3f} | {t.get('gather', 0):.3f} | "
+                     f"{t.get('refill', 0):.3f} | {extra:.3f} |")
+    del denoiser
+    return lines
+
+
+def _describe(m) -> str:
+    if isinstance(m, ATEDM):
+        return (f"ratio {m.prune_ratio}, {m.resolved_point}, layers {m.prune_after_layers}, "
+                f"downsamples {m.downsamples or 'all'}")
+    return f"{type(m).__name__} ratio {getattr(m, 'ratio', '?')}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--archs", default="sd15,sdxl")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--out", default=None, help="write the markdown report here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    rows = [r for r in args.rows.split(",") if r]
+    assert rows[0] == "dense" and "at_edm" in rows, "rows must start with dense and include at_edm"
+    t0 = time.time()
+    report = ["# Token pruning benchmark (CPU)", "", "```", "python " + " ".join(sys.argv), "```",
+              "", f"torch {torch.__version__}, random weights; see the docstring of "
+              "experiments/bench_token.py for the protocol."]
+    for arch in args.archs.split(","):
+        report += bench_model(arch, rows, args)
+    report += ["", f"Total wall time {time.time() - t0:.0f} s."]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
