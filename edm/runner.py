@@ -73,6 +73,11 @@ def _inputs_hash(cfg: DictConfig, images: ImageSet) -> str:
     return h.hexdigest()[:16]
 
 
+def _eval_meta(evaluators) -> dict:
+    """Protocol facts evaluators expose (e.g. FID mode and reference stats file)."""
+    return {n: dict(getattr(ev, "meta", None) or {}) for n, ev in evaluators.items()}
+
+
 def _evaluate(cfg, evaluators, images: ImageSet, out_dir: Path) -> tuple[dict, dict, str]:
     key = _inputs_hash(cfg, images)
     prev = out_dir / "metrics.json"
@@ -239,7 +244,7 @@ def run(cfg: DictConfig) -> float:
                 "images_dir": str(images_dir), "num_items": len(all_items),
                 "shard": gen["shard"], "num_shards": gen["num_shards"],
                 "eval_inputs_hash": eval_hash, "skipped_evaluators": skipped,
-                "missing_images": len(missing),
+                "missing_images": len(missing), "eval_meta": _eval_meta(evaluators),
                 "prune_point": (report.details.get("prune_point")
                                 if report and isinstance(report.details, dict) else None),
                 **_provenance(cfg),

@@ -28,8 +28,14 @@ from edm.methods.base import ApplyContext
 from edm.methods.token.atedm import ATEDM
 from edm.models import archs
 
-PAPER_T = {"dense": 6.7, "at_edm": 4.1, "at_edm_a": 2.9, "at_edm_b": 3.6, "at_edm_c": 4.1,
-           "at_edm_d": 4.5}
+PAPER_T = {
+    "dense": 6.7,
+    "at_edm": 4.1,
+    "at_edm_a": 2.9,
+    "at_edm_b": 3.6,
+    "at_edm_c": 4.1,
+    "at_edm_d": 4.5,
+}
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 _SKIP = {"_target_", "defaults", "name", "tag"}
 
@@ -84,11 +90,15 @@ def find_ratio(pipe, inputs, target_t: float, base: dict, iters: int = 10) -> tu
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     ap.add_argument("--search", action="store_true", help="bisect prune_ratio for budgets a, b")
     args = ap.parse_args()
     pipe, inputs = sdxl_meta()
-    print("| config | paper TFLOPs | prune_ratio | downsamples | DSAP | ours TFLOPs | rel. error |")
+    print(
+        "| config | paper TFLOPs | prune_ratio | downsamples | DSAP | ours TFLOPs | rel. error |"
+    )
     print("|---|---|---|---|---|---|---|")
     dense = avg_step_flops(pipe, inputs, None) / 1e12
     print(f"| dense | 6.7 | - | - | - | {dense:.3f} | {dense / 6.7 - 1:+.1%} |")
@@ -96,8 +106,10 @@ def main() -> None:
         kw = committed(name)
         m = ATEDM(**kw)
         f = avg_step_flops(pipe, inputs, m) / 1e12
-        print(f"| {name} | {PAPER_T[name]} | {m.prune_ratio} | {m.downsamples} | {m.dsap!r} | "
-              f"{f:.3f} | {f / PAPER_T[name] - 1:+.1%} |")
+        print(
+            f"| {name} | {PAPER_T[name]} | {m.prune_ratio} | {m.downsamples} | {m.dsap!r} | "
+            f"{f:.3f} | {f / PAPER_T[name] - 1:+.1%} |"
+        )
     if args.search:
         base = committed("at_edm")
         for name, target in (("a", 2.9), ("b", 3.6)):

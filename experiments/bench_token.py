@@ -13,7 +13,10 @@ pruning layers (map + output in one pass); ``map - sdpa`` subtracts the fused-SD
 same layers measured in the dense row; ``gwpr``, ``mask`` (top-k + refill sources), ``gather``
 and ``refill`` are the rest. Target: AT-EDM speed-up >= 0.9 x its FLOPs ratio.
 
-    python experiments/bench_token.py --threads 1 --rounds 3 --out experiments/results/bench_token.md
+    python experiments/bench_token.py --archs sd15 --rounds 3 \
+        --out experiments/results/bench_token.md
+    python experiments/bench_token.py --archs sdxl --rounds 2 --append \
+        --out experiments/results/bench_token.md
 
 Rows: ``ROWS[name] = factory(bench) -> Method | None`` (``None`` = dense). A factory may use
 ``bench.match(make, lo, hi)`` to find the parameter at which ``make(x)`` has the FLOPs of the
@@ -65,7 +68,9 @@ class Bench:
         finally:
             method.remove(pipe)
 
-    def match(self, make: Callable[[float], object], lo: float, hi: float, iters: int = 7) -> float:
+    def match(
+        self, make: Callable[[float], object], lo: float, hi: float, iters: int = 7
+    ) -> float:
         """Parameter in [lo, hi] whose method has the FLOPs of the ``at_edm`` row (monotone)."""
         assert self.target is not None, "the at_edm row must come first"
         best = (hi, abs(self.flops(make(hi)) - self.target))
@@ -92,6 +97,52 @@ def _tome(bench: Bench):
     return make(bench.match(make, 0.0, 0.75))
 
 
+class _TomesdRow:
+    """The ``tomesd`` package as a bench row (``apply``/``remove`` like an edm Method).
+
+    tomesd reads the latent size from the UNet's first positional argument, so this bench's
+    keyword call would raise inside it: its size hook is replaced by one that also reads
+    ``sample`` by name. diffusers' ``HookRegistry.remove_hook`` leaves the bound ``forward`` as an
+    instance attribute on modules other rows hooked, which would shadow tomesd's class swap
+    (tomesd would silently run dense), so those attributes are dropped first.
+    """
+
+    def __init__(self, **kw):
+        self.kw, self.ratio = kw, kw["ratio"]
+
+    def apply(self, pipe, ctx) -> None:
+        import tomesd
+
+        unet = pipe.unet
+        for mod in unet.modules():
+            registry = getattr(mod, "_diffusers_hook", None)
+            if registry is not None and not registry.hooks:
+                mod.__dict__.pop("forward", None)
+        tomesd.apply_patch(unet, **self.kw)
+        info = unet._tome_info
+        for handle in info["hooks"]:
+            handle.remove()
+
+        def size(module, args, kwargs):
+            x = args[0] if args else kwargs["sample"]
+            info["size"] = (x.shape[2], x.shape[3])
+
+        info["hooks"] = [unet.register_forward_pre_hook(size, with_kwargs=True)]
+
+    def remove(self, pipe) -> None:
+        import tomesd
+
+        tomesd.remove_patch(pipe.unet)
+
+
+def _tome_sd_make(bench: Bench):
+    from edm.methods.token.tome import ToMe
+
+    # SDXL has no attention at downsample 1 (ToMe raises there, tomesd would do nothing)
+    kw = {"ratio": 0.5, "max_downsample": 2 if bench.family == "sdxl" else 1}
+    return lambda edm: ToMe(seed=0, **kw) if edm else _TomesdRow(**kw)
+
+
 # Rows in order; the first AT-EDM row sets the FLOPs that ToMe matches.
 ROWS: dict[str, Callable[[Bench], object]] = {
     "dense": lambda bench: None,
@@ -99,9 +150,13 @@ ROWS: dict[str, Callable[[Bench], object]] = {
     # "dagger": skip the highest-resolution attention level (SD1.5 512²: 64x64, downsample 1;
     # SDXL 512²: 32x32, downsample 2), where the explicit maps are largest
     "at_edm_dagger": lambda bench: ATEDM(
-        dsap=NO_DSAP, profile=True, downsamples=[2, 4, 8] if bench.family != "sdxl" else [4]),
+        dsap=NO_DSAP, profile=True, downsamples=[2, 4, 8] if bench.family != "sdxl" else [4]
+    ),
     # --- ToMe rows ---
     "tome": _tome,
+    # tomesd's own setting (attention only, ratio 0.5, finest attention level), edm vs package
+    "tome_sd": lambda bench: _tome_sd_make(bench)(edm=True),
+    "tomesd": lambda bench: _tome_sd_make(bench)(edm=False),
 }
 
 
@@ -111,7 +166,9 @@ def cpu_inputs(arch: str, size: int, batch: int, dtype: torch.dtype, seed: int =
     half = batch // 2
     x = torch.randn(inp["sample"][:half].shape, generator=g).to(dtype)
     inp["sample"] = torch.cat([x, x])  # a CFG batch: equal latent halves
-    inp["encoder_hidden_states"] = torch.randn(inp["encoder_hidden_states"].shape, generator=g).to(dtype)
+    inp["encoder_hidden_states"] = torch.randn(inp["encoder_hidden_states"].shape, generator=g).to(
+        dtype
+    )
     inp["timestep"] = torch.full((batch,), 500.0)
     return inp
 
@@ -159,7 +216,7 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
     outputs = {}
     denoiser(**inputs)  # warm-up, untimed
     for rnd in range(args.rounds):
-        order = rows[rnd % len(rows):] + rows[: rnd % len(rows)]
+        order = rows[rnd % len(rows) :] + rows[: rnd % len(rows)]
         for row in order:
             m = methods[row]
             handles = []
@@ -176,24 +233,38 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
             if m is not None:
                 m.remove(pipe)
             print(f"[{arch}] round {rnd} {row}: {times[row][-1]:.2f} s", flush=True)
-    lines = [f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, "
-             f"{args.threads} thread(s), {args.rounds} rounds\n",
-             "| row | TFLOPs/call | FLOPs ratio | median s | speed-up | speed-up / FLOPs ratio | "
-             "changes output | setting |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, "
+            f"{args.threads} thread(s), {args.rounds} rounds\n"
+        ),
+        (
+            "| row | TFLOPs/call | FLOPs ratio | median s | speed-up | speed-up / FLOPs ratio | "
+            "changes output | setting |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         ratio_f = flops["dense"] / flops[row]
         sp = statistics.median(d / t for d, t in zip(times["dense"], times[row]))
         changed = "-" if row == "dense" else str(not torch.equal(outputs[row], outputs["dense"]))
         m = methods[row]
         setting = "-" if m is None else _describe(m)
-        lines.append(f"| {row} | {flops[row] / 1e12:.3f} | {ratio_f:.3f} | "
-                     f"{statistics.median(times[row]):.2f} | {sp:.3f} | {sp / ratio_f:.2f} | "
-                     f"{changed} | {setting} |")
-    lines += ["", "Overhead per call (AT-EDM rows, seconds; `map - sdpa` = explicit attention of "
-              "the pruning layers minus their fused-SDPA time in the dense row):", "",
-              "| row | map | sdpa (dense) | map - sdpa | gwpr | mask | gather | refill | total extra |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row} | {flops[row] / 1e12:.3f} | {ratio_f:.3f} | "
+            f"{statistics.median(times[row]):.2f} | {sp:.3f} | {sp / ratio_f:.2f} | "
+            f"{changed} | {setting} |"
+        )
+    lines += [
+        "",
+        (
+            "Overhead per call (AT-EDM rows, seconds; `map - sdpa` = explicit attention of "
+            "the pruning layers minus their fused-SDPA time in the dense row):"
+        ),
+        "",
+        "| row | map | sdpa (dense) | map - sdpa | gwpr | mask | gather | refill | total extra |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         m = methods[row]
         if not isinstance(m, ATEDM):
@@ -202,23 +273,31 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
         mine = m.apply(pipe, ctx).details["pruning_layers"]
         m.remove(pipe)
         sdpa = sum(sdpa_acc.get(name, 0.0) for name in mine) / args.rounds
-        extra = t.get("map", 0) - sdpa + sum(t.get(k, 0) for k in ("gwpr", "mask", "gather", "refill"))
-        lines.append(f"| {row} | {t.get('map', 0):.3f} | {sdpa:.3f} | {t.get('map', 0) - sdpa:.3f} | "
-                     f"{t.get('gwpr', 0):.3f} | {t.get('mask', 0):.3f} | {t.get('gather', 0):.3f} | "
-                     f"{t.get('refill', 0):.3f} | {extra:.3f} |")
+        extra = (
+            t.get("map", 0) - sdpa + sum(t.get(k, 0) for k in ("gwpr", "mask", "gather", "refill"))
+        )
+        lines.append(
+            f"| {row} | {t.get('map', 0):.3f} | {sdpa:.3f} | {t.get('map', 0) - sdpa:.3f} | "
+            f"{t.get('gwpr', 0):.3f} | {t.get('mask', 0):.3f} | {t.get('gather', 0):.3f} | "
+            f"{t.get('refill', 0):.3f} | {extra:.3f} |"
+        )
     del denoiser
     return lines
 
 
 def _describe(m) -> str:
     if isinstance(m, ATEDM):
-        return (f"ratio {m.prune_ratio}, {m.resolved_point}, layers {m.prune_after_layers}, "
-                f"downsamples {m.downsamples or 'all'}")
+        return (
+            f"ratio {m.prune_ratio}, {m.resolved_point}, layers {m.prune_after_layers}, "
+            f"downsamples {m.downsamples or 'all'}"
+        )
     return f"{type(m).__name__} ratio {getattr(m, 'ratio', '?')}"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     ap.add_argument("--archs", default="sd15,sdxl")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--size", type=int, default=512)
@@ -227,22 +306,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--out", default=None, help="write the markdown report here")
+    ap.add_argument("--append", action="store_true", help="append to --out (one file, two runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     rows = [r for r in args.rows.split(",") if r]
     assert rows[0] == "dense" and "at_edm" in rows, "rows must start with dense and include at_edm"
     t0 = time.time()
-    report = ["# Token pruning benchmark (CPU)", "", "```", "python " + " ".join(sys.argv), "```",
-              "", f"torch {torch.__version__}, random weights; see the docstring of "
-              "experiments/bench_token.py for the protocol."]
+    report = (
+        []
+        if args.append
+        else [
+            "# Token pruning benchmark (CPU)",
+            "",
+            (
+                f"torch {torch.__version__}, random weights; see "
+                "the docstring of experiments/bench_token.py for the protocol."
+            ),
+        ]
+    )
+    report += ["", "```", "python " + " ".join(sys.argv), "```"]
     for arch in args.archs.split(","):
         report += bench_model(arch, rows, args)
     report += ["", f"Total wall time {time.time() - t0:.0f} s."]
     text = "\n".join(report) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
+        with open(args.out, "a" if args.append else "w") as f:
             f.write(text)
 
 

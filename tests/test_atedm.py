@@ -149,7 +149,7 @@ def test_attention_with_map_matches_sdpa(chunk_mb):
 
 def test_kernels_run_on_meta():
     q = torch.empty(1, 2, 64, 8, device="meta")
-    out, A, _ = attention_with_map(q, q, q, chunk_mb=1e-3)
+    _out, A, _ = attention_with_map(q, q, q, chunk_mb=1e-3)
     keep = K.keep_indices(K.gwpr(A), 20)
     src = K.assign_by_attention(A, keep)
     full = K.refill(K.gather_tokens(torch.empty(1, 64, 8, device="meta"), keep), src)
@@ -183,8 +183,15 @@ def generate(pipe, family, guidance=3.0, steps=2):
     size = 16 if family == "digits" else 32
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with torch.no_grad():
-        return pipe(prompt=["a cat", "a dog"], num_inference_steps=steps, guidance_scale=guidance,
-                    height=size, width=size, generator=gens, output_type="pt").images
+        return pipe(
+            prompt=["a cat", "a dog"],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=gens,
+            output_type="pt",
+        ).images
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "digits"])
@@ -225,8 +232,9 @@ def test_kept_tokens_shorten_the_next_layer_sdxl(pipes):
     handles.append(_record_lengths(blk.layers[0][1], seen, "l0"))
     handles.append(_record_lengths(blk.layers[1][1], seen, "l1"))
     out = {}
-    handles.append(blk.module.register_forward_hook(
-        lambda m, a, o: out.update(shape=o[0].shape)))  # returns None: output untouched
+    handles.append(
+        blk.module.register_forward_hook(lambda m, a, o: out.update(shape=o[0].shape))
+    )  # returns None: output untouched
     m = ATEDM(prune_ratio=0.5, dsap=NO_DSAP)
     m.apply(pipe, ApplyContext(family="sdxl"))
     try:
@@ -244,8 +252,11 @@ def test_after_self_attn_runs_cross_attention_on_kept_tokens(pipes):
     pipe = pipes["sd15"]
     lay = adapter("sd15").attention_blocks(pipe.unet)[0].layers[0][1]
     seen = {}
-    hs = [_record_lengths(lay.attn1, seen, "attn1"), _record_lengths(lay.attn2, seen, "attn2"),
-          _record_lengths(lay.ff, seen, "ff")]
+    hs = [
+        _record_lengths(lay.attn1, seen, "attn1"),
+        _record_lengths(lay.attn2, seen, "attn2"),
+        _record_lengths(lay.ff, seen, "ff"),
+    ]
     m = ATEDM(prune_ratio=0.5, dsap=NO_DSAP)
     m.apply(pipe, ApplyContext(family="sd15"))
     try:
@@ -283,11 +294,18 @@ def test_mmdit_prunes_image_tokens_inside_the_range():
         ATEDM(mmdit_prune_after=[2], mmdit_refill_after=1).apply(pipe, ApplyContext(family="sd3"))
 
 
-@pytest.mark.parametrize("kw", [
-    dict(selection="random"), dict(selection="attn_colsum"), dict(head_reduce="rms"),
-    dict(assignment="cosine"), dict(score_source="cross"), dict(cfg_shared_mask=False),
-    dict(prune_after_layers=[0], downsamples=[2], prune_point="after_self_attn"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"selection": "random"},
+        {"selection": "attn_colsum"},
+        {"head_reduce": "rms"},
+        {"assignment": "cosine"},
+        {"score_source": "cross"},
+        {"cfg_shared_mask": False},
+        {"prune_after_layers": [0], "downsamples": [2], "prune_point": "after_self_attn"},
+    ],
+)
 def test_variants_run_and_prune(pipes, kw):
     pipe = pipes["sdxl"]
     dense = generate(pipe, "sdxl", steps=1)
@@ -331,8 +349,11 @@ def test_dsap_schedule_and_early_steps_prune_less(pipes):
     d = DSAP(early_steps=0.5, block_rule="first_down_last_up")
     exempt = [b.name for b in blocks if d.exempt(b)]
     assert exempt and all(
-        (b.stage == "down" and b.position == 0) or (b.stage == "up" and b.position == b.stage_len - 1)
-        for b in blocks if b.name in exempt)
+        (b.stage == "down" and b.position == 0)
+        or (b.stage == "up" and b.position == b.stage_len - 1)
+        for b in blocks
+        if b.name in exempt
+    )
     assert d.tau(10) == 5 and d.is_early(4, 10) and not d.is_early(5, 10)
     assert d.ratio(0.6, blocks[0], 0, 10) == (0.0 if d.exempt(blocks[0]) else 0.6)
     assert DSAP(early_steps=2, early_prune_ratio=0.2).ratio(0.6, blocks[1], 1, None) in (0.0, 0.2)
@@ -360,9 +381,15 @@ def test_errors():
         ATEDM().check("vqgan")
     with pytest.raises(UnsupportedFamily):
         ATEDM().apply(object(), ApplyContext(family="vqgan"))
-    for kw in (dict(prune_ratio=1.0), dict(selection="topk"), dict(prune_point="x"),
-               dict(iters=0), dict(prune_after_layers=[]), dict(downsamples=[3]),
-               dict(score_source="cross", prune_point="after_self_attn")):
+    for kw in (
+        {"prune_ratio": 1.0},
+        {"selection": "topk"},
+        {"prune_point": "x"},
+        {"iters": 0},
+        {"prune_after_layers": []},
+        {"downsamples": [3]},
+        {"score_source": "cross", "prune_point": "after_self_attn"},
+    ):
         with pytest.raises(ConfigError):
             ATEDM(**kw)
 

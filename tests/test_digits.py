@@ -253,7 +253,8 @@ def test_digits_eval_separates_real_from_degraded(tmp_path):
     assert real["digit_fid"] < bad["digit_fid"] / 3
     assert bad["prompt_acc"] < real["prompt_acc"]
     assert len(real["pred_label"]) == len(real["confidence"]) == 200
-    assert 0 < real["digit_fid_floor"] and abs(real["digit_fid_floor"] - real["digit_fid"]) < 1e-6
+    # the floor draws other real training digits: the same scale as the real set's FID
+    assert real["digit_fid_floor"] < bad["digit_fid"] / 3 and real["digit_fid"] < 3 * real["digit_fid_floor"]
     wrong = ev.evaluate(_render(tmp_path, x, (y + 1) % 10, "mislabelled"))
     assert wrong["prompt_acc"] < 0.1
 

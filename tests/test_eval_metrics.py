@@ -87,6 +87,7 @@ class TinyFeatures(nn.Module):
         self.conv = nn.Conv2d(3, 8, 8, stride=8)
         with torch.no_grad():
             self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.1)
+            self.conv.bias.copy_(torch.randn(self.conv.bias.shape, generator=g) * 0.1)
 
     def forward(self, x):
         return torch.tanh(self.conv(x / 255.0)).mean((2, 3)) + self.conv(x / 255.0).std((2, 3))
@@ -598,3 +599,21 @@ def test_clip_score_real_open_clip_architecture_from_the_hub_cache(tmp_path, hf_
     assert torch.equal(loaded.state_dict()["visual.proj"], net.state_dict()["visual.proj"])
     assert len(res["clip_score_per_image"]) == 3
     assert all(0.0 <= s <= 1.0 for s in res["clip_score_per_image"])
+
+
+def test_fid_reference_subset_is_seeded_and_cached_separately(tmp_path):
+    ref_dir = tmp_path / "real"
+    ref_dir.mkdir()
+    for i, a in enumerate(_textures(12, seed=5)):
+        Image.fromarray(a).save(ref_dir / f"r{i:02d}.png")
+    full = _fid(tmp_path).build_reference(ref_dir)
+    sub = _fid(tmp_path, max_reference_images=6, reference_seed=1)
+    path = sub.build_reference(ref_dir)
+    assert path.name == "toy_val32_clean_tiny_n6s1.npz" and path != full
+    assert sub.load_reference()[2] == 6
+    again = _fid(tmp_path / "other", max_reference_images=6, reference_seed=1)
+    again.build_reference(ref_dir)  # same seed -> same subset -> same statistics
+    np.testing.assert_array_equal(again.load_reference()[0], sub.load_reference()[0])
+    other_seed = _fid(tmp_path / "o2", max_reference_images=6, reference_seed=2)
+    other_seed.build_reference(ref_dir)
+    assert not np.array_equal(other_seed.load_reference()[0], sub.load_reference()[0])

@@ -52,7 +52,9 @@ class DigitsLoader:
             dtype = _DTYPES[dtype]
         comps = load_components(self.check())
         comps.pop("config")
-        pipe = DigitsPipeline(**comps).to(device=device, dtype=dtype)
+        for name in ("unet", "text_encoder"):  # module-wise: DiffusionPipeline.to(dtype) warns
+            comps[name].to(device=device, dtype=dtype)
+        pipe = DigitsPipeline(**comps)
         pipe.set_progress_bar_config(disable=True)  # the runner shows its own progress
         log.info("Loaded digits model from %s", self.checkpoint)
         return pipe

@@ -11,8 +11,9 @@ plays the roles Inception and CLIP play for Stable Diffusion:
 * ``prompt_acc``: fraction of images classified as the digit their prompt names
   (``PromptItem.meta["label"]``, else a digit word/numeral parsed from the prompt).
 * ``digit_fid_floor``: the same FID for real *training* digits with the same labels and count
-  as the evaluated set -- what a generator that reproduces its training data would score. FID is
-  biased upwards for small sets, so compare ``digit_fid`` with this, not with 0.
+  as the evaluated set (mean of 5 seeded draws) -- what a generator that reproduces its training
+  data would score. FID is biased upwards for small sets, so compare ``digit_fid`` with this,
+  not with 0; single sets scatter around it.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class DigitsEval:
         weights_dir: folder holding ``classifier.safetensors``; ``None`` = the one shipped in
             ``edm/digits/weights`` (``python -m edm.digits.train_classifier`` re-creates it).
         batch_size: images per classifier batch (memory only; results do not depend on it).
-        floor: also report ``digit_fid_floor`` (real training digits, same labels and count).
+        floor: also report ``digit_fid_floor`` (real training digits, same labels and count,
+            mean of 5 draws).
     """
 
     name = "digits"
@@ -161,15 +163,20 @@ class DigitsEval:
         out["confidence"] = [float(v) for v in conf.tolist()]
         return out
 
-    def _floor(self, labels: list[int], ref: torch.Tensor, scale: torch.Tensor) -> float:
-        """FID of real training digits with the given labels (one distinct image per label)."""
+    def _floor(self, labels: list[int], ref: torch.Tensor, scale: torch.Tensor,
+               draws: int = 5) -> float:
+        """Mean FID of ``draws`` seeded sets of real training digits with the given labels."""
         train_feats, train_y = self.reference_features("train")
         train_feats = train_feats / scale
-        pools = {d: torch.nonzero(train_y == d).flatten().tolist() for d in range(10)}
-        counts = dict.fromkeys(range(10), 0)
-        pick = []
-        for lab in labels:
-            pool = pools[lab]
-            pick.append(pool[counts[lab] % len(pool)])
-            counts[lab] += 1
-        return frechet_distance(*feature_stats(train_feats[pick]), *feature_stats(ref))
+        pools = {d: torch.nonzero(train_y == d).flatten() for d in range(10)}
+        fids = []
+        for r in range(draws):
+            g = torch.Generator().manual_seed(r)
+            perm = {d: p[torch.randperm(len(p), generator=g)].tolist() for d, p in pools.items()}
+            counts = dict.fromkeys(range(10), 0)
+            pick = []
+            for lab in labels:  # distinct images while the class has enough, then wrap around
+                pick.append(perm[lab][counts[lab] % len(perm[lab])])
+                counts[lab] += 1
+            fids.append(frechet_distance(*feature_stats(train_feats[pick]), *feature_stats(ref)))
+        return float(np.mean(fids))

@@ -158,7 +158,8 @@ class FID:
         reference_images: folder of real images for :meth:`build_reference`; ``None`` =
             derived by ``edm.eval.precompute`` from ``data.root`` (``<root>/<split><year>``).
         max_reference_images: use a seeded random subset of this many real images (``None`` = all,
-            recommended: the whole split gives the least noisy reference).
+            recommended: the whole split gives the least noisy reference). A subset gets its own
+            stats file (``..._n<N>s<seed>.npz``).
         reference_seed: seed of that subset.
         batch_size: feature-extraction batch size.
         num_workers: DataLoader workers decoding/resizing images (0 in tests).
@@ -214,6 +215,8 @@ class FID:
     @property
     def stats_path(self) -> Path:
         tag = f"_{self.feature_name}" if self.feature_model is not None else ""
+        if self.max_reference_images is not None:  # a subset is a different reference
+            tag += f"_n{self.max_reference_images}s{self.reference_seed}"
         return self.cache_dir / f"{self.ref.name}_{self.mode}{tag}.npz"
 
     def _require_inception(self) -> Path:

@@ -20,7 +20,8 @@ Prune points (``prune_point``):
   pruned, so its cross-attention and FFN already run on the kept tokens. Implemented by running
   the layer's ``attn1`` on all tokens in the layer's pre-forward hook, pruning the layer input,
   and handing the kept rows of that attention output to the layer's own ``attn1`` call.
-* ``auto``: ``after_ffn`` for SDXL and SD3 (MMDiT: after the joint block), else ``after_self_attn``.
+* ``auto``: ``after_ffn`` for SDXL and SD3 (MMDiT: after the joint block), else
+  ``after_self_attn``.
 
 MMDiT (SD3/SD3.5, beyond the paper): image tokens are pruned after the joint blocks listed in
 ``mmdit_prune_after`` (map: the image-image part of the joint attention, rows renormalised) and
@@ -32,19 +33,21 @@ Unknown details of the paper (spec §5) are knobs; defaults and reasons in :clas
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from dataclasses import dataclass, field
 
-import torch
-from diffusers.hooks import ModelHook
 from torch import nn
 
 from edm.errors import ConfigError, UnsupportedFamily
-from edm.families import ARCH, AttentionBlock, adapter
+from edm.families import ARCH, adapter
 from edm.methods.base import ApplyContext, MethodReport, Patcher, RuntimeMethod
-from edm.methods.token import atedm_kernel as K
+from edm.methods.token.atedm_hooks import (
+    _Block,
+    _BlockHook,
+    _DenoiserHook,
+    _LayerHook,
+    _RefillHook,
+    _Shared,
+)
 from edm.methods.token.attn_map import (
     HEAD_REDUCE,
     MapJointAttnProcessor,
@@ -63,196 +66,6 @@ SELECTIONS = ("gwpr", "random", "attn_colsum")
 ASSIGNMENTS = ("attention", "cosine")
 SCORE_SOURCES = ("self", "cross")
 _AUTO_POINT = {"sdxl": "after_ffn", "sd3": "after_ffn"}
-
-
-@dataclass
-class _Shared:
-    """State of one ``apply``, shared by every hook."""
-
-    m: ATEDM
-    tracker: StepTracker
-    cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
-    gen: torch.Generator | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def time(self, name: str):
-        if not self.m.profile:
-            return contextlib.nullcontext()
-        return _Timer(self.timings, name)
-
-
-class _Timer:
-    def __init__(self, acc: dict[str, float], name: str):
-        self.acc, self.name = acc, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.acc[self.name] = self.acc.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
-@dataclass
-class _Block:
-    """Per attention block (UNet ``Transformer2DModel``; MMDiT: the pruned block range)."""
-
-    info: AttentionBlock
-    ratio: float = 0.0  # this call's ratio (DSAP)
-    src: torch.Tensor | None = None  # [B, N0] position of every grid token in the kept sequence
-
-
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args, kwargs, x):
-    if args:
-        return (x, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": x}
-
-
-class _DenoiserHook:
-    """Forward pre-hook on the denoiser: CFG detection and per-trajectory RNG re-seeding."""
-
-    def __init__(self, shared: _Shared):
-        self.shared = shared
-
-    def __call__(self, module, args, kwargs):
-        s = self.shared
-        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        half = x.shape[0] // 2
-        # diffusers pipelines batch CFG as torch.cat([latents] * 2): equal halves <=> CFG.
-        s.cfg_batch = bool(
-            x.shape[0] % 2 == 0 and x.device.type != "meta" and torch.equal(x[:half], x[half:])
-        )
-        if s.tracker.state.step_index == 0 and x.device.type != "meta":
-            s.gen = torch.Generator(x.device).manual_seed(s.m.seed)
-        return None
-
-
-class _BlockHook(ModelHook):
-    """Sets the block's ratio for this call (DSAP) and checks the block left the grid full."""
-
-    def __init__(self, shared: _Shared, block: _Block):
-        super().__init__()
-        self.shared, self.block = shared, block
-
-    def pre_forward(self, module, *args, **kwargs):
-        st = self.shared.tracker.state
-        m = self.shared.m
-        self.block.ratio = m.dsap.ratio(m.prune_ratio, self.block.info, st.step_index, st.num_steps)
-        self.block.src = None
-        return args, kwargs
-
-    def post_forward(self, module, output):
-        assert self.block.src is None, f"{self.block.info.name}: tokens were pruned, never refilled"
-        return output
-
-
-class _LayerHook(ModelHook):
-    """Prunes after (``after_ffn``) or inside (``after_self_attn``) a layer, and/or refills."""
-
-    def __init__(self, shared, block: _Block, layer: nn.Module, slot: MapSlot | None,
-                 cross_slot: MapSlot | None, point: str | None, refill: bool, mmdit: bool):
-        super().__init__()
-        self.shared, self.block, self.layer = shared, block, layer
-        self.slot, self.cross_slot, self.point, self.refill, self.mmdit = (
-            slot, cross_slot, point, refill, mmdit)
-        self.k: int | None = None  # tokens to keep in this call (None = no pruning)
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.k = None
-        if self.point is None:
-            return args, kwargs
-        x = _hidden(args, kwargs)
-        n = x.shape[1]
-        k = K.keep_count(n, self.block.ratio)
-        if k >= n:
-            return args, kwargs
-        m = self.shared.m
-        self.slot.want_map = m.needs_self_map
-        if self.cross_slot is not None:
-            self.cross_slot.want_map = m.needs_cross_map
-        if self.point == "after_ffn":
-            self.k = k
-            return args, kwargs
-        # after_self_attn: self-attention on all tokens here, the layer then runs on kept ones.
-        lay = self.layer
-        xkw = dict(kwargs.get("cross_attention_kwargs") or {})
-        xkw.pop("gligen", None)
-        attn_out = lay.attn1(lay.norm1(x), encoder_hidden_states=None,
-                             attention_mask=kwargs.get("attention_mask"), **xkw)
-        keep, src = self._decide(x + attn_out, k)
-        with self.shared.time("gather"):
-            self.slot.replay = K.gather_tokens(attn_out, keep)
-            x = K.gather_tokens(x, keep)
-        self.block.src = src
-        return _with_hidden(args, kwargs, x)
-
-    def post_forward(self, module, output):
-        if self.k is not None:  # after_ffn
-            hidden = output[1] if self.mmdit else output
-            keep, self.block.src = self._decide(hidden, self.k)
-            with self.shared.time("gather"):
-                hidden = K.gather_tokens(hidden, keep)
-            output = (output[0], hidden) if self.mmdit else hidden
-            self.k = None
-        if self.refill and self.block.src is not None:
-            hidden = output[1] if self.mmdit else output
-            hidden = _refill(self.shared, self.block, hidden)
-            output = (output[0], hidden) if self.mmdit else hidden
-        return output
-
-    def _decide(self, hidden: torch.Tensor, k: int):
-        """Scores -> keep indices -> refill sources, from this call's map(s)."""
-        s, m, slot = self.shared, self.shared.m, self.slot
-        b, n = hidden.shape[:2]
-        with s.time("gwpr"):
-            if m.selection == "random":
-                if hidden.device.type == "meta" or s.gen is None:
-                    scores = torch.rand(b, n, device=hidden.device)
-                else:
-                    scores = torch.rand(b, n, generator=s.gen, device=hidden.device)
-            elif m.score_source == "cross":
-                scores = K.hits_image_scores(self.cross_slot.A, m.iters)
-            elif m.head_reduce == "rms":
-                scores = slot.s_rms
-            else:
-                scores = K.gwpr(slot.A, 1 if m.selection == "attn_colsum" else m.iters)
-        with s.time("mask"):
-            shared = m.cfg_shared_mask and s.cfg_batch
-            keep = K.keep_indices(scores, k, cfg_shared=shared)
-            if m.assignment == "attention":
-                assign = K.assign_by_attention(slot.A, keep)
-            else:
-                assign = K.assign_by_cosine(hidden, keep)
-            if shared:
-                assign = K.cfg_share(assign)
-            src = K.compose_sources(self.block.src, assign)
-        slot.clear()
-        if self.cross_slot is not None:
-            self.cross_slot.clear()
-        return keep, src
-
-
-def _refill(shared: _Shared, block: _Block, hidden: torch.Tensor) -> torch.Tensor:
-    with shared.time("refill"):
-        out = K.refill(hidden, block.src)
-    block.src = None
-    return out
-
-
-class _RefillHook(ModelHook):
-    """Refill after a linear ``proj_out`` (token-wise, so refilling after it is exact)."""
-
-    def __init__(self, shared: _Shared, block: _Block):
-        super().__init__()
-        self.shared, self.block = shared, block
-
-    def post_forward(self, module, output):
-        if self.block.src is None:
-            return output
-        return _refill(self.shared, self.block, output)
 
 
 class ATEDM(RuntimeMethod):
@@ -377,10 +190,14 @@ class ATEDM(RuntimeMethod):
         tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
         patcher.add_handle(tracker)
         shared = _Shared(self, tracker, timings=self.timings)
-        patcher.add_handle(denoiser.register_forward_pre_hook(_DenoiserHook(shared), with_kwargs=True))
+        patcher.add_handle(
+            denoiser.register_forward_pre_hook(_DenoiserHook(shared), with_kwargs=True)
+        )
         blocks = ad.attention_blocks(denoiser)
         if not blocks:
-            raise UnsupportedFamily(f"<method={self.name}> {type(denoiser).__name__} has no attention blocks")
+            raise UnsupportedFamily(
+                f"<method={self.name}> {type(denoiser).__name__} has no attention blocks"
+            )
         if ARCH[ctx.family] == "mmdit":
             point = "after_ffn"
             layers, skipped = self._install_mmdit(denoiser, blocks, patcher, shared)
@@ -393,25 +210,38 @@ class ATEDM(RuntimeMethod):
         for name, why in skipped:
             log.info("AT-EDM: not pruning %s: %s", name, why)
         return MethodReport(
-            name=self.name, kind=self.kind, patched=patcher.count if layers else 0,
+            name=self.name,
+            kind=self.kind,
+            patched=patcher.count if layers else 0,
             metrics={"prune_ratio": self.prune_ratio, "pruning_layers": float(len(layers))},
-            details={"prune_point": point, "pruning_layers": layers, "skipped": skipped,
-                     "selection": self.selection, "assignment": self.assignment,
-                     "head_reduce": self.head_reduce, "iters": self.iters,
-                     "cfg_shared_mask": self.cfg_shared_mask, "dsap": repr(self.dsap)},
+            details={
+                "prune_point": point,
+                "pruning_layers": layers,
+                "skipped": skipped,
+                "selection": self.selection,
+                "assignment": self.assignment,
+                "head_reduce": self.head_reduce,
+                "iters": self.iters,
+                "cfg_shared_mask": self.cfg_shared_mask,
+                "dsap": repr(self.dsap),
+            },
         )
 
     def _map_slot(self, shared: _Shared) -> MapSlot:
         timer = shared.time if self.profile else None
-        return MapSlot(head_reduce=self.head_reduce, iters=self.iters,
-                       chunk_mb=self.map_chunk_mb, timer=timer)
+        return MapSlot(
+            head_reduce=self.head_reduce, iters=self.iters, chunk_mb=self.map_chunk_mb, timer=timer
+        )
 
     def _install_unet(self, denoiser, blocks, patcher, shared, point):
         n_down = len(denoiser.down_blocks)
         layers, skipped = [], []
         for info in blocks:
-            exp = {"down": info.stage_index, "mid": n_down - 1,
-                   "up": n_down - 1 - info.stage_index}[info.stage]
+            exp = {
+                "down": info.stage_index,
+                "mid": n_down - 1,
+                "up": n_down - 1 - info.stage_index,
+            }[info.stage]
             if self.downsamples is not None and 2**exp not in self.downsamples:
                 skipped.append((info.name, f"downsample {2**exp} not in {self.downsamples}"))
                 continue
@@ -419,8 +249,15 @@ class ATEDM(RuntimeMethod):
             last_useful = n_layers - 1 if point == "after_self_attn" else n_layers - 2
             points = [i for i in self.prune_after_layers if i <= last_useful]
             if not points:
-                skipped.append((info.name, f"{n_layers} layer(s): nothing after {point} "
-                                           f"of layers {self.prune_after_layers}"))
+                skipped.append(
+                    (
+                        info.name,
+                        (
+                            f"{n_layers} layer(s): nothing after {point} "
+                            f"of layers {self.prune_after_layers}"
+                        ),
+                    )
+                )
                 continue
             block = _Block(info)
             linear_out = isinstance(getattr(info.module, "proj_out", None), nn.Linear)
@@ -433,17 +270,31 @@ class ATEDM(RuntimeMethod):
                 if prunes:
                     _check_layer(lay, lname, point)
                     slot = self._map_slot(shared)
-                    patcher.set_processor(lay.attn1, MapSelfAttnProcessor(slot, lay.attn1.get_processor()))
+                    patcher.set_processor(
+                        lay.attn1, MapSelfAttnProcessor(slot, lay.attn1.get_processor())
+                    )
                     if self.score_source == "cross":
                         check_plain_attention(lay.attn2, f"{lname}.attn2")
                         cross = self._map_slot(shared)
-                        patcher.set_processor(lay.attn2, MapSelfAttnProcessor(cross, lay.attn2.get_processor()))
+                        patcher.set_processor(
+                            lay.attn2, MapSelfAttnProcessor(cross, lay.attn2.get_processor())
+                        )
                     layers.append(lname)
-                hook = _LayerHook(shared, block, lay, slot, cross, point if prunes else None,
-                                  refills, mmdit=False)
+                hook = _LayerHook(
+                    shared,
+                    block,
+                    lay,
+                    slot,
+                    cross,
+                    point if prunes else None,
+                    refills,
+                    mmdit=False,
+                )
                 patcher.register_hook(lay, hook, _EDM_ATEDM_HOOK)
             if linear_out:
-                patcher.register_hook(info.module.proj_out, _RefillHook(shared, block), _EDM_ATEDM_HOOK)
+                patcher.register_hook(
+                    info.module.proj_out, _RefillHook(shared, block), _EDM_ATEDM_HOOK
+                )
             patcher.register_hook(info.module, _BlockHook(shared, block), _EDM_ATEDM_HOOK)
         return layers, skipped
 
@@ -454,9 +305,11 @@ class ATEDM(RuntimeMethod):
         refill = self.mmdit_refill_after % n if -n <= self.mmdit_refill_after < n else None
         points = sorted({i % n for i in self.mmdit_prune_after if -n <= i < n})
         if refill is None or not points or max(points) >= refill:
-            raise ConfigError("method.mmdit_prune_after",
-                              f"need prune blocks < refill block in range({n}); got "
-                              f"{self.mmdit_prune_after} / {self.mmdit_refill_after}")
+            raise ConfigError(
+                "method.mmdit_prune_after",
+                f"need prune blocks < refill block in range({n}); got "
+                f"{self.mmdit_prune_after} / {self.mmdit_refill_after}",
+            )
         block = _Block(blocks[points[0]])
         layers = []
         for i in sorted(set(points) | {refill}):
@@ -468,18 +321,31 @@ class ATEDM(RuntimeMethod):
                 attn = info.module.attn
                 patcher.set_processor(attn, MapJointAttnProcessor(slot, attn.get_processor()))
                 layers.append(info.name)
-            hook = _LayerHook(shared, block, info.module, slot, None,
-                              "after_ffn" if i in points else None, i == refill, mmdit=True)
+            hook = _LayerHook(
+                shared,
+                block,
+                info.module,
+                slot,
+                None,
+                "after_ffn" if i in points else None,
+                i == refill,
+                mmdit=True,
+            )
             patcher.register_hook(info.module, hook, _EDM_ATEDM_HOOK)
         patcher.register_hook(denoiser, _BlockHook(shared, block), _EDM_ATEDM_HOOK)
-        return layers, [(b.name, "outside the pruned range") for b in blocks if b.name not in layers]
+        return layers, [
+            (b.name, "outside the pruned range") for b in blocks if b.name not in layers
+        ]
 
 
 def _check_layer(layer: nn.Module, name: str, point: str) -> None:
     check_plain_attention(layer.attn1, f"{name}.attn1")
     if point == "after_self_attn":
-        ok = (getattr(layer, "norm_type", None) == "layer_norm" and layer.pos_embed is None
-              and not layer.only_cross_attention)
+        ok = (
+            getattr(layer, "norm_type", None) == "layer_norm"
+            and layer.pos_embed is None
+            and not layer.only_cross_attention
+        )
         if not ok:
             raise UnsupportedFamily(
                 f"AT-EDM prune_point=after_self_attn needs plain layer-norm blocks; {name} is not"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def keep_count(n: int, prune_ratio: float) -> int:
     """Tokens kept when ``prune_ratio`` of ``n`` are pruned (at least one is always kept)."""
-    return max(1, n - int(round(n * prune_ratio)))
+    return max(1, n - round(n * prune_ratio))
 
 
 def gwpr(A: torch.Tensor, iters: int = 5) -> torch.Tensor:
@@ -74,7 +74,7 @@ def hits_image_scores(
 
 
 def rms_over_heads(s_heads: torch.Tensor) -> torch.Tensor:
-    """``[B, h, N]`` per-head scores -> ``[B, N]`` root-mean-square over heads (Zero-TPrune EIR)."""
+    """``[B, h, N]`` per-head scores -> ``[B, N]`` RMS over heads (Zero-TPrune's EIR)."""
     return s_heads.float().pow(2).mean(1).sqrt()
 
 

@@ -72,7 +72,9 @@ def attention_with_map(
     kt = k.transpose(-1, -2)
     out = torch.empty_like(q)
     A = torch.zeros(b, mq, mk, dtype=torch.float32, device=q.device)
-    s_sq = torch.zeros(b, mq, dtype=torch.float32, device=q.device) if head_reduce == "rms" else None
+    s_sq = (
+        torch.zeros(b, mq, dtype=torch.float32, device=q.device) if head_reduce == "rms" else None
+    )
     # Chunk [bc, hc, qc, Nk]: small enough to stay in cache (measured on CPU: ~1-2 MiB chunks
     # are ~2x faster than 32 MiB ones, the QK^T product being bound by writing the scores).
     budget = max(1, int(chunk_mb * 2**20 / 4))
@@ -136,7 +138,7 @@ class MapSlot:
 
 
 def check_plain_attention(attn, name: str) -> None:
-    """Raise :class:`UnsupportedFamily` if ``attn`` uses features these processors do not handle."""
+    """Raise :class:`UnsupportedFamily` if ``attn`` uses features these processors lack."""
     bad = [
         f
         for f, ok in (
@@ -175,16 +177,18 @@ class MapSelfAttnProcessor:
         self.slot = slot
         self.fallback = fallback
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs
+    ):
         slot = self.slot
         if slot.replay is not None:
             out, slot.replay = slot.replay, None
             assert out.shape[:2] == hidden_states.shape[:2], "replayed output does not fit"
             return out
         if not slot.want_map:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                 *args, **kwargs)
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
         if attention_mask is not None:
             raise UnsupportedFamily("AT-EDM's mapped attention does not support attention masks")
         slot.want_map = False
@@ -216,12 +220,14 @@ class MapJointAttnProcessor:
         self.slot = slot
         self.fallback = fallback
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs
+    ):
         slot = self.slot
         if not slot.want_map or encoder_hidden_states is None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                 *args, **kwargs)
+            return self.fallback(
+                attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs
+            )
         if attention_mask is not None:
             raise UnsupportedFamily("AT-EDM's mapped attention does not support attention masks")
         slot.want_map = False
@@ -242,7 +248,12 @@ class MapJointAttnProcessor:
         q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
         with _time(slot, "map"):
             out, slot.A, slot.s_rms = attention_with_map(
-                q, k, v, n_map=n_img, head_reduce=slot.head_reduce, iters=slot.iters,
+                q,
+                k,
+                v,
+                n_map=n_img,
+                head_reduce=slot.head_reduce,
+                iters=slot.iters,
                 chunk_mb=slot.chunk_mb,
             )
         out = out.transpose(1, 2).flatten(2).to(q.dtype)

@@ -46,7 +46,7 @@ class DSAP:
     def __init__(
         self,
         enabled: bool = True,
-        early_steps: int | float = 0.2,
+        early_steps: float = 0.2,
         block_rule: str = "first_down_last_up",
         early_prune_ratio: float | None = None,
         key: str = "method.dsap",
@@ -60,7 +60,7 @@ class DSAP:
             else:
                 raise ConfigError(
                     f"{key}.early_steps",
-                    f"a float is a fraction of the steps and must be in [0, 1), got {early_steps}.",
+                    f"a float is a fraction of the steps, in [0, 1); got {early_steps}.",
                 )
         if isinstance(early_steps, int) and early_steps < 0:
             raise ConfigError(f"{key}.early_steps", f"must be >= 0, got {early_steps}.")
@@ -76,7 +76,7 @@ class DSAP:
 
     @classmethod
     def from_cfg(cls, cfg: Mapping[str, Any] | DSAP | None, key: str = "method.dsap") -> DSAP:
-        """Build from a YAML node (``dict``/``DictConfig``), pass a ``DSAP`` through, ``None`` = off."""
+        """From a YAML node (``dict``/``DictConfig``); ``DSAP`` passes, ``None`` = off."""
         if isinstance(cfg, DSAP):
             return cfg
         if cfg is None:
@@ -93,7 +93,7 @@ class DSAP:
             return self.early_steps
         if num_steps is None:  # a fraction of an unknown trajectory: no early phase
             return 0
-        return int(round(self.early_steps * num_steps))
+        return round(self.early_steps * num_steps)
 
     def is_early(self, step_index: int, num_steps: int | None) -> bool:
         """Whether ``step_index`` (0 = first step; -1 = unknown) is in the early phase."""

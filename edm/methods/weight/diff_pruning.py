@@ -239,12 +239,11 @@ class DiffPruning(WeightMethod):
         details = {"gradient_pass": {k: v for k, v in grads.items() if k != "losses"},
                    "losses": grads.get("losses", []), "repaired_modules": repaired,
                    "finetune": ft, "num_heads_passed": bool(self.num_heads)}
-        if self.save and ctx.output_dir is not None:
-            from edm.methods.weight.io import save_pruned
+        if self.save:
+            from edm.methods.weight.io import save_to_run
 
-            out = save_pruned(unet, ctx.output_dir / "pruned_model", family=ctx.family,
-                              meta={"method": self.name, "sparsity": self.sparsity})
-            details["saved_to"] = str(out)
+            details["saved_to"] = save_to_run(unet, ctx, {"method": self.name,
+                                                         "sparsity": self.sparsity})
         metrics = {
             "sparsity": 1 - params_after / params_before,
             "params_before": float(params_before), "params_after": float(params_after),

@@ -93,6 +93,14 @@ def save_pruned(
     return out
 
 
+def save_to_run(denoiser: nn.Module, ctx, meta: dict | None = None) -> str | None:
+    """Save a structurally pruned denoiser to ``<ctx.output_dir>/pruned_model`` (if the run has
+    an output dir), so that ``model.pruned_from=<that dir>`` reloads it; returns the path."""
+    if getattr(ctx, "output_dir", None) is None:
+        return None
+    return str(save_pruned(denoiser, Path(ctx.output_dir) / "pruned_model", ctx.family, meta))
+
+
 def read_spec(out_dir: str | Path) -> dict:
     """The ``pruned.json`` of a pruned-model folder; ConfigError if it is not one."""
     d = Path(out_dir)

@@ -65,6 +65,8 @@ class L1Norm(PruningMethod):
             :func:`edm.methods.weight.slicing.resolve_exclude_first_last`).
         score_on: ``producer`` (Li et al.: the channel's own weights, default), ``consumer``
             (output-projection columns) or ``both``.
+        save: write the sliced denoiser to ``<output_dir>/pruned_model`` (safetensors + json),
+            reloadable with ``model.pruned_from=<that dir>``.
     """
 
     needs_calibration: ClassVar[bool] = False
@@ -75,6 +77,7 @@ class L1Norm(PruningMethod):
         sparsity: float,
         exclude_first_last: bool | None = None,
         score_on: str = "producer",
+        save: bool = True,
         name: str = "l1",
         **kwargs,
     ):
@@ -86,6 +89,7 @@ class L1Norm(PruningMethod):
             raise ConfigError("method.score_on", f"unknown {score_on!r}.", SCORE_ON)
         self.exclude_first_last = exclude_first_last
         self.score_on = score_on
+        self.save = bool(save)
 
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
         self.check(ctx.family)
@@ -103,6 +107,11 @@ class L1Norm(PruningMethod):
             mask_target(t, pruned)
             results.append({"name": t.name, "kind": t.kind, "groups": t.num_groups, "pruned": k})
         details = finish(denoiser, targets, results, params_before, weights_before, do_slice=True)
+        if self.save:
+            from edm.methods.weight.io import save_to_run
+
+            details["saved_to"] = save_to_run(denoiser, ctx, {"method": self.name,
+                                                             "sparsity": self.sparsity})
         return structured_report(self.name, self.kind, details, time.perf_counter() - t0,
                                  next(denoiser.parameters()).device)
 

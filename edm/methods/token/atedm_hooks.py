@@ -1,0 +1,234 @@
+"""AT-EDM's hooks: per-call ratio, pruning, refill (wiring of :mod:`edm.methods.token.atedm`).
+
+Every hook is a ``diffusers.hooks.ModelHook`` (or a torch forward pre-hook on the denoiser) and
+talks to the attention processors of :mod:`edm.methods.token.attn_map` through a
+:class:`~edm.methods.token.attn_map.MapSlot`; the math is in
+:mod:`edm.methods.token.atedm_kernel`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from edm.families import AttentionBlock
+from edm.methods.token import atedm_kernel as K
+from edm.methods.token.attn_map import MapSlot
+from edm.state import StepTracker
+
+
+@dataclass
+class _Shared:
+    """State of one ``apply``, shared by every hook."""
+
+    m: Any  # the ATEDM instance (its settings)
+    tracker: StepTracker
+    cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
+    gen: torch.Generator | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def time(self, name: str):
+        if not self.m.profile:
+            return contextlib.nullcontext()
+        return _Timer(self.timings, name)
+
+
+class _Timer:
+    def __init__(self, acc: dict[str, float], name: str):
+        self.acc, self.name = acc, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.acc[self.name] = self.acc.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+@dataclass
+class _Block:
+    """Per attention block (UNet ``Transformer2DModel``; MMDiT: the pruned block range)."""
+
+    info: AttentionBlock
+    ratio: float = 0.0  # this call's ratio (DSAP)
+    src: torch.Tensor | None = None  # [B, N0] position of every grid token in the kept sequence
+
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, x):
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
+
+
+class _DenoiserHook:
+    """Forward pre-hook on the denoiser: CFG detection and per-trajectory RNG re-seeding."""
+
+    def __init__(self, shared: _Shared):
+        self.shared = shared
+
+    def __call__(self, module, args, kwargs):
+        s = self.shared
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        half = x.shape[0] // 2
+        # diffusers pipelines batch CFG as torch.cat([latents] * 2): equal halves <=> CFG.
+        s.cfg_batch = bool(
+            x.shape[0] % 2 == 0 and x.device.type != "meta" and torch.equal(x[:half], x[half:])
+        )
+        if s.tracker.state.step_index == 0 and x.device.type != "meta":
+            s.gen = torch.Generator(x.device).manual_seed(s.m.seed)
+
+
+class _BlockHook(ModelHook):
+    """Sets the block's ratio for this call (DSAP) and checks the block left the grid full."""
+
+    def __init__(self, shared: _Shared, block: _Block):
+        super().__init__()
+        self.shared, self.block = shared, block
+
+    def pre_forward(self, module, *args, **kwargs):
+        st = self.shared.tracker.state
+        m = self.shared.m
+        self.block.ratio = m.dsap.ratio(
+            m.prune_ratio, self.block.info, st.step_index, st.num_steps
+        )
+        self.block.src = None
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        assert self.block.src is None, (
+            f"{self.block.info.name}: tokens were pruned, never refilled"
+        )
+        return output
+
+
+class _LayerHook(ModelHook):
+    """Prunes after (``after_ffn``) or inside (``after_self_attn``) a layer, and/or refills."""
+
+    def __init__(
+        self,
+        shared,
+        block: _Block,
+        layer: nn.Module,
+        slot: MapSlot | None,
+        cross_slot: MapSlot | None,
+        point: str | None,
+        refill: bool,
+        mmdit: bool,
+    ):
+        super().__init__()
+        self.shared, self.block, self.layer = shared, block, layer
+        self.slot, self.cross_slot, self.point, self.refill, self.mmdit = (
+            slot,
+            cross_slot,
+            point,
+            refill,
+            mmdit,
+        )
+        self.k: int | None = None  # tokens to keep in this call (None = no pruning)
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.k = None
+        if self.point is None:
+            return args, kwargs
+        x = _hidden(args, kwargs)
+        n = x.shape[1]
+        k = K.keep_count(n, self.block.ratio)
+        if k >= n:
+            return args, kwargs
+        m = self.shared.m
+        self.slot.want_map = m.needs_self_map
+        if self.cross_slot is not None:
+            self.cross_slot.want_map = m.needs_cross_map
+        if self.point == "after_ffn":
+            self.k = k
+            return args, kwargs
+        # after_self_attn: self-attention on all tokens here, the layer then runs on kept ones.
+        lay = self.layer
+        xkw = dict(kwargs.get("cross_attention_kwargs") or {})
+        xkw.pop("gligen", None)
+        attn_out = lay.attn1(
+            lay.norm1(x),
+            encoder_hidden_states=None,
+            attention_mask=kwargs.get("attention_mask"),
+            **xkw,
+        )
+        keep, src = self._decide(x + attn_out, k)
+        with self.shared.time("gather"):
+            self.slot.replay = K.gather_tokens(attn_out, keep)
+            x = K.gather_tokens(x, keep)
+        self.block.src = src
+        return _with_hidden(args, kwargs, x)
+
+    def post_forward(self, module, output):
+        if self.k is not None:  # after_ffn
+            hidden = output[1] if self.mmdit else output
+            keep, self.block.src = self._decide(hidden, self.k)
+            with self.shared.time("gather"):
+                hidden = K.gather_tokens(hidden, keep)
+            output = (output[0], hidden) if self.mmdit else hidden
+            self.k = None
+        if self.refill and self.block.src is not None:
+            hidden = output[1] if self.mmdit else output
+            hidden = _refill(self.shared, self.block, hidden)
+            output = (output[0], hidden) if self.mmdit else hidden
+        return output
+
+    def _decide(self, hidden: torch.Tensor, k: int):
+        """Scores -> keep indices -> refill sources, from this call's map(s)."""
+        s, m, slot = self.shared, self.shared.m, self.slot
+        b, n = hidden.shape[:2]
+        with s.time("gwpr"):
+            if m.selection == "random":
+                if hidden.device.type == "meta" or s.gen is None:
+                    scores = torch.rand(b, n, device=hidden.device)
+                else:
+                    scores = torch.rand(b, n, generator=s.gen, device=hidden.device)
+            elif m.score_source == "cross":
+                scores = K.hits_image_scores(self.cross_slot.A, m.iters)
+            elif m.head_reduce == "rms":
+                scores = slot.s_rms
+            else:
+                scores = K.gwpr(slot.A, 1 if m.selection == "attn_colsum" else m.iters)
+        with s.time("mask"):
+            shared = m.cfg_shared_mask and s.cfg_batch
+            keep = K.keep_indices(scores, k, cfg_shared=shared)
+            if m.assignment == "attention":
+                assign = K.assign_by_attention(slot.A, keep)
+            else:
+                assign = K.assign_by_cosine(hidden, keep)
+            if shared:
+                assign = K.cfg_share(assign)
+            src = K.compose_sources(self.block.src, assign)
+        slot.clear()
+        if self.cross_slot is not None:
+            self.cross_slot.clear()
+        return keep, src
+
+
+def _refill(shared: _Shared, block: _Block, hidden: torch.Tensor) -> torch.Tensor:
+    with shared.time("refill"):
+        out = K.refill(hidden, block.src)
+    block.src = None
+    return out
+
+
+class _RefillHook(ModelHook):
+    """Refill after a linear ``proj_out`` (token-wise, so refilling after it is exact)."""
+
+    def __init__(self, shared: _Shared, block: _Block):
+        super().__init__()
+        self.shared, self.block = shared, block
+
+    def post_forward(self, module, output):
+        if self.block.src is None:
+            return output
+        return _refill(self.shared, self.block, output)
