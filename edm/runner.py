@@ -38,10 +38,9 @@ def setup_backends(cfg: DictConfig) -> None:
 
 
 def build_method(cfg: DictConfig) -> Method:
-    try:  # composition of a weight method with a token method (``+then=...``)
-        from edm.methods.compose import build_method as build
-    except ImportError:
-        return instantiate(cfg.method)
+    """``cfg.method``, or a ``Sequential`` of it and ``cfg.then`` (``then=at_edm``)."""
+    from edm.methods.compose import build_method as build
+
     return build(cfg)
 
 

@@ -105,6 +105,7 @@ class Patcher:
         self._processors: list[tuple[nn.Module, Any]] = []
         self._registry_hooks: list[tuple[nn.Module, str]] = []
         self._handles: list[Any] = []
+        self._fresh_registry: list[nn.Module] = []  # modules that had no hook registry before
 
     def set_processor(self, attn: nn.Module, processor) -> None:
         self._processors.append((attn, attn.get_processor()))
@@ -114,6 +115,8 @@ class Patcher:
         """Register a ``diffusers.hooks.ModelHook`` under ``name`` (removed by ``undo``)."""
         from diffusers.hooks import HookRegistry
 
+        if not hasattr(module, "_diffusers_hook") and "forward" not in module.__dict__:
+            self._fresh_registry.append(module)
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         self._registry_hooks.append((module, name))
 
@@ -132,8 +135,17 @@ class Patcher:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None:
                 registry.remove_hook(name, recurse=False)
+        # HookRegistry.remove_hook leaves the original bound forward as an instance attribute;
+        # drop it (and the empty registry) where we created them, so later class-level patches
+        # (e.g. tomesd's class swap) are not silently shadowed.
+        for module in self._fresh_registry:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and not registry.hooks:
+                module.__dict__.pop("forward", None)
+                del module._diffusers_hook
         for attn, proc in reversed(self._processors):
             attn.set_processor(proc)
+        self._fresh_registry.clear()
         self._handles.clear()
         self._registry_hooks.clear()
         self._processors.clear()
