@@ -12,6 +12,11 @@ AT-EDM† (no pruning at the 64x64 level, = d) 4.5.
 
     python experiments/atedm_budgets.py            # count the committed conf/method/at_edm*.yaml
     python experiments/atedm_budgets.py --search   # also bisect prune_ratio for budgets a and b
+    python experiments/atedm_budgets.py --mmdit    # also SD3-medium / SD3.5-medium at 1024²
+
+MMDiT (beyond the paper): one batch-1 call at 1024² (4096 image + 333 text tokens), image tokens
+pruned after the listed joint blocks and refilled after the last one; DSAP exempts no MMDiT block,
+so without ``early_prune_ratio`` the FLOPs do not depend on the step.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     ap.add_argument("--search", action="store_true", help="bisect prune_ratio for budgets a, b")
+    ap.add_argument("--mmdit", action="store_true", help="also count SD3/SD3.5-medium settings")
     args = ap.parse_args()
     pipe, inputs = sdxl_meta()
     print(
@@ -115,6 +121,35 @@ def main() -> None:
         for name, target in (("a", 2.9), ("b", 3.6)):
             ratio, f = find_ratio(pipe, inputs, target, base)
             print(f"search {name}: prune_ratio={ratio} -> {f:.3f} T (paper {target})")
+    if args.mmdit:
+        mmdit_table()
+
+
+MMDIT_SETTINGS = (
+    {"prune_ratio": 0.63, "mmdit_prune_after": [0]},  # the at_edm.yaml defaults
+    {"prune_ratio": 0.63, "mmdit_prune_after": [3]},
+    {"prune_ratio": 0.5, "mmdit_prune_after": [0]},
+    {"prune_ratio": 0.4, "mmdit_prune_after": [0, 8]},
+)
+
+
+def mmdit_table() -> None:
+    """TFLOPs of one batch-1 1024² call of SD3-medium / SD3.5-medium with AT-EDM."""
+    print("\n| model | setting | TFLOPs/call | FLOPs ratio |\n|---|---|---|---|")
+    for arch in ("sd3_medium", "sd35_medium"):
+        tr = archs.build_denoiser(arch)
+        inputs = archs.sample_inputs(arch, batch_size=1)
+        pipe = types.SimpleNamespace(transformer=tr, scheduler=None, edm_family="sd3")
+        dense = meta_denoiser_flops(tr, inputs) / 1e12
+        print(f"| {arch} | dense | {dense:.3f} | 1.000 |")
+        for kw in MMDIT_SETTINGS:
+            m = ATEDM(**kw)
+            m.apply(pipe, ApplyContext(family="sd3"))
+            try:
+                f = meta_denoiser_flops(tr, inputs) / 1e12
+            finally:
+                m.remove(pipe)
+            print(f"| {arch} | {kw} | {f:.3f} | {dense / f:.3f} |")
 
 
 if __name__ == "__main__":

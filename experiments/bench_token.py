@@ -4,14 +4,17 @@ Full-size denoisers (``edm.models.archs``, random weights), 512², batch 2 (one 
 image: equal latent halves, different text halves), one UNet call per row and round. All rows of a
 model share one model in one process; rows are alternated (the order rotates every round) so a
 load change on the shared machine hits every row alike. Speed-up = median over rounds of
-``t_dense / t_row`` from the same round. FLOPs are counted on the same architecture on the meta
+``t_dense / t_row`` from the same round, for wall-clock time and for the thread's CPU time
+(``time.thread_time``; with one thread on an oversubscribed machine it excludes the time the
+process waits for a core, so it is the stabler of the two there). FLOPs are counted on the same architecture on the meta
 device at the same shapes (a late denoising step: DSAP off). Fused SDPA stays on for every layer
 that does not need a map; AT-EDM materialises maps only at its pruning layers.
 
-Overhead breakdown (AT-EDM rows, ``profile=True``): ``map`` is the explicit attention of the
-pruning layers (map + output in one pass); ``map - sdpa`` subtracts the fused-SDPA time of the
-same layers measured in the dense row; ``gwpr``, ``mask`` (top-k + refill sources), ``gather``
-and ``refill`` are the rest. Target: AT-EDM speed-up >= 0.9 x its FLOPs ratio.
+Overhead breakdown (AT-EDM rows, ``profile=True``): ``map`` is the whole mapped ``attn1`` call
+of the pruning layers (projections, explicit map + output in one pass); ``fused`` is the same
+layers' ``attn1`` calls in the dense row (fused SDPA), so ``map - fused`` is the cost of
+materialising the maps; ``gwpr``, ``mask`` (top-k + refill sources), ``gather`` and ``refill``
+are the rest. Target: AT-EDM speed-up >= 0.9 x its FLOPs ratio.
 
     python experiments/bench_token.py --archs sd15 --rounds 3 \
         --out experiments/results/bench_token.md
@@ -84,7 +87,7 @@ class Bench:
 
 
 def _atedm(**kw):
-    return lambda bench: ATEDM(dsap=NO_DSAP, profile=True, **kw)
+    return lambda bench: ATEDM(dsap=NO_DSAP, profile="cpu", **kw)
 
 
 def _tome(bench: Bench):
@@ -147,10 +150,13 @@ def _tome_sd_make(bench: Bench):
 ROWS: dict[str, Callable[[Bench], object]] = {
     "dense": lambda bench: None,
     "at_edm": _atedm(),
+    # SD1.5 (after_self_attn): the output from P·V of the map instead of fused SDPA on the kept
+    # rows (map_output=kept_fused, the default there); identical to at_edm on SDXL (after_ffn)
+    "at_edm_reuse": _atedm(map_output="reuse"),
     # "dagger": skip the highest-resolution attention level (SD1.5 512²: 64x64, downsample 1;
     # SDXL 512²: 32x32, downsample 2), where the explicit maps are largest
     "at_edm_dagger": lambda bench: ATEDM(
-        dsap=NO_DSAP, profile=True, downsamples=[2, 4, 8] if bench.family != "sdxl" else [4]
+        dsap=NO_DSAP, profile="cpu", downsamples=[2, 4, 8] if bench.family != "sdxl" else [4]
     ),
     # --- ToMe rows ---
     "tome": _tome,
@@ -164,8 +170,9 @@ def cpu_inputs(arch: str, size: int, batch: int, dtype: torch.dtype, seed: int =
     g = torch.Generator().manual_seed(seed)
     inp = archs.sample_inputs(arch, size, size, batch, device="cpu", dtype=dtype)
     half = batch // 2
-    x = torch.randn(inp["sample"][:half].shape, generator=g).to(dtype)
-    inp["sample"] = torch.cat([x, x])  # a CFG batch: equal latent halves
+    key = "sample" if "sample" in inp else "hidden_states"  # UNet | MMDiT
+    x = torch.randn(inp[key][:half].shape, generator=g).to(dtype)
+    inp[key] = torch.cat([x, x])  # a CFG batch: equal latent halves
     inp["encoder_hidden_states"] = torch.randn(inp["encoder_hidden_states"].shape, generator=g).to(
         dtype
     )
@@ -178,13 +185,13 @@ def _sdpa_timers(denoiser, layer_names: list[str], acc: dict[str, float]):
     modules = dict(denoiser.named_modules())
     handles, start = [], {}
     for name in layer_names:
-        attn = modules[f"{name}.attn1"]
+        attn = modules.get(f"{name}.attn1") or modules[f"{name}.attn"]  # UNet | MMDiT
 
         def pre(mod, args, name=name):
-            start[name] = time.perf_counter()
+            start[name] = time.thread_time()
 
         def post(mod, args, out, name=name):
-            acc[name] = acc.get(name, 0.0) + time.perf_counter() - start[name]
+            acc[name] = acc.get(name, 0.0) + time.thread_time() - start[name]
 
         handles += [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post)]
     return handles
@@ -211,7 +218,8 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
             rep = methods[row].apply(pipe, ctx)
             mapped = sorted(set(mapped) | set(rep.details["pruning_layers"]))
             methods[row].remove(pipe)
-    times = {r: [] for r in rows}
+    wall = {r: [] for r in rows}
+    cpu = {r: [] for r in rows}  # this thread's CPU time: excludes time descheduled by other load
     sdpa_acc: dict[str, float] = {}
     outputs = {}
     denoiser(**inputs)  # warm-up, untimed
@@ -224,45 +232,53 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
                 handles = _sdpa_timers(denoiser, mapped, sdpa_acc)
             else:
                 m.apply(pipe, ctx)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = denoiser(**inputs)[0]
-            times[row].append(time.perf_counter() - t0)
+            wall[row].append(time.perf_counter() - t0)
+            cpu[row].append(time.thread_time() - c0)
             outputs.setdefault(row, out)
             for h in handles:
                 h.remove()
             if m is not None:
                 m.remove(pipe)
-            print(f"[{arch}] round {rnd} {row}: {times[row][-1]:.2f} s", flush=True)
+            print(
+                f"[{arch}] round {rnd} {row}: wall {wall[row][-1]:.2f} s, "
+                f"cpu {cpu[row][-1]:.2f} s",
+                flush=True,
+            )
     lines = [
         (
             f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, "
             f"{args.threads} thread(s), {args.rounds} rounds\n"
         ),
         (
-            "| row | TFLOPs/call | FLOPs ratio | median s | speed-up | speed-up / FLOPs ratio | "
-            "changes output | setting |"
+            "| row | TFLOPs/call | FLOPs ratio | wall s (median) | wall speed-up | "
+            "/ FLOPs ratio | CPU s (median) | CPU speed-up | / FLOPs ratio | changes output | "
+            "setting |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ratio_f = flops["dense"] / flops[row]
-        sp = statistics.median(d / t for d, t in zip(times["dense"], times[row]))
+        sp_w = statistics.median(d / t for d, t in zip(wall["dense"], wall[row]))
+        sp_c = statistics.median(d / t for d, t in zip(cpu["dense"], cpu[row]))
         changed = "-" if row == "dense" else str(not torch.equal(outputs[row], outputs["dense"]))
         m = methods[row]
         setting = "-" if m is None else _describe(m)
         lines.append(
             f"| {row} | {flops[row] / 1e12:.3f} | {ratio_f:.3f} | "
-            f"{statistics.median(times[row]):.2f} | {sp:.3f} | {sp / ratio_f:.2f} | "
+            f"{statistics.median(wall[row]):.2f} | {sp_w:.3f} | {sp_w / ratio_f:.2f} | "
+            f"{statistics.median(cpu[row]):.2f} | {sp_c:.3f} | {sp_c / ratio_f:.2f} | "
             f"{changed} | {setting} |"
         )
     lines += [
         "",
         (
-            "Overhead per call (AT-EDM rows, seconds; `map - sdpa` = explicit attention of "
-            "the pruning layers minus their fused-SDPA time in the dense row):"
+            "Overhead per call (AT-EDM rows, CPU seconds; `map` = mapped attn1 calls of the "
+            "pruning layers, `fused` = the same calls in the dense row, fused SDPA):"
         ),
         "",
-        "| row | map | sdpa (dense) | map - sdpa | gwpr | mask | gather | refill | total extra |",
+        "| row | map | fused (dense) | map - fused | gwpr | mask | gather | refill | total extra |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -287,9 +303,12 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
 
 def _describe(m) -> str:
     if isinstance(m, ATEDM):
+        out = m.map_output
+        if out == "auto":
+            out = "kept_fused" if m.resolved_point == "after_self_attn" else "reuse"
         return (
             f"ratio {m.prune_ratio}, {m.resolved_point}, layers {m.prune_after_layers}, "
-            f"downsamples {m.downsamples or 'all'}"
+            f"downsamples {m.downsamples or 'all'}, output {out}"
         )
     return f"{type(m).__name__} ratio {getattr(m, 'ratio', '?')}"
 

@@ -147,6 +147,25 @@ def test_attention_with_map_matches_sdpa(chunk_mb):
     assert torch.allclose(s, K.rms_over_heads(K.gwpr(P, 3)), atol=1e-6)
 
 
+def test_kept_rows_output_matches_the_mapped_output():
+    from edm.methods.token.attn_map import MapSlot, kept_rows_output
+
+    class Attn:  # identity output projections
+        to_out = (torch.nn.Identity(), torch.nn.Identity())
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=g) for _ in range(3))
+    out, A, _ = attention_with_map(q, k, v)
+    none, A2, _ = attention_with_map(q, k, v, need_out=False)
+    assert none is None and torch.equal(A, A2)
+    keep = K.keep_indices(K.gwpr(A), 15)
+    slot = MapSlot(pending=(Attn(), q, k, v))
+    kept = kept_rows_output(slot, keep)
+    ref = K.gather_tokens(out.transpose(1, 2).flatten(2), keep)
+    assert kept.shape == (2, 15, 24) and torch.allclose(kept, ref, atol=1e-5)
+    assert slot.pending is None
+
+
 def test_kernels_run_on_meta():
     q = torch.empty(1, 2, 64, 8, device="meta")
     _out, A, _ = attention_with_map(q, q, q, chunk_mb=1e-3)
@@ -271,6 +290,25 @@ def test_after_self_attn_runs_cross_attention_on_kept_tokens(pipes):
     assert seen["attn2"] == [k] and seen["ff"] == [k]
 
 
+def test_map_output_reuse_and_kept_fused_agree(pipes):
+    """after_self_attn: P·V from the map and fused SDPA on the kept rows give the same result."""
+    pipe = pipes["sd15"]
+    dense = generate(pipe, "sd15", steps=1)
+    outs = {}
+    for mode in ("reuse", "kept_fused"):
+        m = ATEDM(prune_ratio=0.5, dsap=NO_DSAP, map_output=mode)
+        rep = m.apply(pipe, ApplyContext(family="sd15"))
+        try:
+            outs[mode] = generate(pipe, "sd15", steps=1)
+        finally:
+            m.remove(pipe)
+        assert rep.details["map_output"] == mode
+    assert not torch.equal(outs["reuse"], dense)
+    assert torch.allclose(outs["reuse"], outs["kept_fused"], atol=1e-4)
+    with pytest.raises(ConfigError):
+        ATEDM(map_output="kept_fused").apply(pipes["sdxl"], ApplyContext(family="sdxl"))
+
+
 def test_mmdit_prunes_image_tokens_inside_the_range():
     from edm.models.tiny import tiny_sd3
 
@@ -389,6 +427,9 @@ def test_errors():
         {"prune_after_layers": []},
         {"downsamples": [3]},
         {"score_source": "cross", "prune_point": "after_self_attn"},
+        {"map_output": "kept_fused", "prune_point": "after_ffn"},
+        {"map_output": "sometimes"},
+        {"profile": "gpu"},
     ):
         with pytest.raises(ConfigError):
             ATEDM(**kw)

@@ -21,13 +21,13 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # The canonical prompt (evaluation). Training also sees the other templates, so prompts worded a
 # little differently (calibration sets, user prompts) stay in distribution.
 CANONICAL_TEMPLATE = "a handwritten digit {word}"
+# Numeral templates ("digit {digit}") were tried and dropped: with them the canonical prompt
+# reached 0.93 prompt accuracy after 2000 steps, the numeral prompts only 0.69-0.78.
 TRAIN_TEMPLATES = (
     "a handwritten digit {word}",
     "the digit {word}",
     "a handwritten {word}",
     "the number {word}",
-    "a drawing of the digit {digit}",
-    "digit {digit}",
 )
 
 IMAGE_SIZE = 16

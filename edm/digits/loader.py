@@ -52,8 +52,10 @@ class DigitsLoader:
             dtype = _DTYPES[dtype]
         comps = load_components(self.check())
         comps.pop("config")
-        for name in ("unet", "text_encoder"):  # module-wise: DiffusionPipeline.to(dtype) warns
-            comps[name].to(device=device, dtype=dtype)
+        for name in ("unet", "text_encoder"):
+            comps[name].to(device)
+            if dtype != torch.float32:  # the checkpoint is fp32; casting it to fp32 only warns
+                comps[name].to(dtype)
         pipe = DigitsPipeline(**comps)
         pipe.set_progress_bar_config(disable=True)  # the runner shows its own progress
         log.info("Loaded digits model from %s", self.checkpoint)

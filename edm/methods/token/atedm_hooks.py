@@ -19,12 +19,12 @@ from torch import nn
 
 from edm.families import AttentionBlock
 from edm.methods.token import atedm_kernel as K
-from edm.methods.token.attn_map import MapSlot
+from edm.methods.token.attn_map import MapSlot, kept_rows_output
 from edm.state import StepTracker
 
 
 @dataclass
-class _Shared:
+class RunState:
     """State of one ``apply``, shared by every hook."""
 
     m: Any  # the ATEDM instance (its settings)
@@ -36,22 +36,23 @@ class _Shared:
     def time(self, name: str):
         if not self.m.profile:
             return contextlib.nullcontext()
-        return _Timer(self.timings, name)
+        clock = time.thread_time if self.m.profile == "cpu" else time.perf_counter
+        return _Timer(self.timings, name, clock)
 
 
 class _Timer:
-    def __init__(self, acc: dict[str, float], name: str):
-        self.acc, self.name = acc, name
+    def __init__(self, acc: dict[str, float], name: str, clock):
+        self.acc, self.name, self.clock = acc, name, clock
 
     def __enter__(self):
-        self.t0 = time.perf_counter()
+        self.t0 = self.clock()
 
     def __exit__(self, *exc):
-        self.acc[self.name] = self.acc.get(self.name, 0.0) + time.perf_counter() - self.t0
+        self.acc[self.name] = self.acc.get(self.name, 0.0) + self.clock() - self.t0
 
 
 @dataclass
-class _Block:
+class BlockState:
     """Per attention block (UNet ``Transformer2DModel``; MMDiT: the pruned block range)."""
 
     info: AttentionBlock
@@ -69,10 +70,10 @@ def _with_hidden(args, kwargs, x):
     return args, {**kwargs, "hidden_states": x}
 
 
-class _DenoiserHook:
+class DenoiserHook:
     """Forward pre-hook on the denoiser: CFG detection and per-trajectory RNG re-seeding."""
 
-    def __init__(self, shared: _Shared):
+    def __init__(self, shared: RunState):
         self.shared = shared
 
     def __call__(self, module, args, kwargs):
@@ -87,10 +88,10 @@ class _DenoiserHook:
             s.gen = torch.Generator(x.device).manual_seed(s.m.seed)
 
 
-class _BlockHook(ModelHook):
+class BlockHook(ModelHook):
     """Sets the block's ratio for this call (DSAP) and checks the block left the grid full."""
 
-    def __init__(self, shared: _Shared, block: _Block):
+    def __init__(self, shared: RunState, block: BlockState):
         super().__init__()
         self.shared, self.block = shared, block
 
@@ -110,13 +111,13 @@ class _BlockHook(ModelHook):
         return output
 
 
-class _LayerHook(ModelHook):
+class LayerHook(ModelHook):
     """Prunes after (``after_ffn``) or inside (``after_self_attn``) a layer, and/or refills."""
 
     def __init__(
         self,
         shared,
-        block: _Block,
+        block: BlockState,
         layer: nn.Module,
         slot: MapSlot | None,
         cross_slot: MapSlot | None,
@@ -139,6 +140,7 @@ class _LayerHook(ModelHook):
         self.k = None
         if self.point is None:
             return args, kwargs
+        self.slot.clear()  # nothing left over from an interrupted call
         x = _hidden(args, kwargs)
         n = x.shape[1]
         k = K.keep_count(n, self.block.ratio)
@@ -161,10 +163,16 @@ class _LayerHook(ModelHook):
             attention_mask=kwargs.get("attention_mask"),
             **xkw,
         )
-        keep, src = self._decide(x + attn_out, k)
+        # hidden state at the pruning point (only the cosine assignment reads its values; with a
+        # deferred output, attn_out is None and the layer input stands in for it)
+        cosine = m.assignment == "cosine" and attn_out is not None
+        keep, src = self._decide(x + attn_out if cosine else x, k)
         with self.shared.time("gather"):
-            self.slot.replay = K.gather_tokens(attn_out, keep)
             x = K.gather_tokens(x, keep)
+            if attn_out is not None:
+                self.slot.replay = K.gather_tokens(attn_out, keep)
+        if attn_out is None:  # map_output=kept_fused: fused SDPA on the kept queries only
+            self.slot.replay = kept_rows_output(self.slot, keep)
         self.block.src = src
         return _with_hidden(args, kwargs, x)
 
@@ -208,23 +216,23 @@ class _LayerHook(ModelHook):
             if shared:
                 assign = K.cfg_share(assign)
             src = K.compose_sources(self.block.src, assign)
-        slot.clear()
+        slot.A = slot.s_rms = None  # consumed; a deferred output stays pending
         if self.cross_slot is not None:
             self.cross_slot.clear()
         return keep, src
 
 
-def _refill(shared: _Shared, block: _Block, hidden: torch.Tensor) -> torch.Tensor:
+def _refill(shared: RunState, block: BlockState, hidden: torch.Tensor) -> torch.Tensor:
     with shared.time("refill"):
         out = K.refill(hidden, block.src)
     block.src = None
     return out
 
 
-class _RefillHook(ModelHook):
+class RefillHook(ModelHook):
     """Refill after a linear ``proj_out`` (token-wise, so refilling after it is exact)."""
 
-    def __init__(self, shared: _Shared, block: _Block):
+    def __init__(self, shared: RunState, block: BlockState):
         super().__init__()
         self.shared, self.block = shared, block
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from edm.errors import UnsupportedFamily
 from edm.methods.token.atedm_kernel import gwpr
@@ -40,7 +41,8 @@ def attention_with_map(
     head_reduce: str = "mean",
     iters: int = 5,
     chunk_mb: float = 2.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    need_out: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``softmax(q k^T / sqrt(d)) v`` plus the head-aggregated attention map, in one pass.
 
     Memory is bounded by ``chunk_mb`` for the probability chunk ``[bc, hc, qc, Nk]`` plus the
@@ -58,9 +60,11 @@ def attention_with_map(
         iters: WPR iterations of the per-head scores (``rms`` only).
         chunk_mb: size of one probability chunk in MiB (float32 elements); 1-2 MiB is fastest
             on CPU (cache-resident), larger chunks only cost memory bandwidth.
+        need_out: ``False`` = the map only (``out`` is ``None``), for callers that need the
+            output of a few rows only (:func:`kept_rows_output`).
 
     Returns:
-        ``(out [B, h, Nq, d], A [B, nq, nk] float32, s_rms [B, nq] or None)``.
+        ``(out [B, h, Nq, d] or None, A [B, nq, nk] float32, s_rms [B, nq] or None)``.
     """
     if head_reduce not in HEAD_REDUCE:
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
@@ -70,7 +74,7 @@ def attention_with_map(
     mk = nk if n_map is None else min(n_map, nk)
     q = q * (1.0 / math.sqrt(d))  # fold the SDPA scale into q: one small pass instead of B·h·N²
     kt = k.transpose(-1, -2)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if need_out else None
     A = torch.zeros(b, mq, mk, dtype=torch.float32, device=q.device)
     s_sq = (
         torch.zeros(b, mq, dtype=torch.float32, device=q.device) if head_reduce == "rms" else None
@@ -89,7 +93,8 @@ def attention_with_map(
         for h0, h1 in _chunks(h, hc):
             for q0, q1 in _chunks(nq, qc):
                 P = torch.matmul(q[b0:b1, h0:h1, q0:q1], kt[b0:b1, h0:h1]).softmax(-1)
-                out[b0:b1, h0:h1, q0:q1] = torch.matmul(P, v[b0:b1, h0:h1])
+                if out is not None:
+                    out[b0:b1, h0:h1, q0:q1] = torch.matmul(P, v[b0:b1, h0:h1])
                 r1 = min(q1, mq)
                 if r1 > q0:  # rows of this chunk that belong to the map
                     rows = P[:, :, : r1 - q0, :mk]
@@ -119,6 +124,8 @@ class MapSlot:
         replay: an already computed attention output to return instead of computing again
             (prune point "after self-attention": the hook ran attention on all tokens, the
             layer then runs on the kept ones and receives the kept rows of that output).
+        defer_output: the mapped call computes the map only and returns ``None``, leaving its
+            projected ``(attn, q, k, v)`` in ``pending`` for :func:`kept_rows_output`.
         timer: optional callable ``timer(name)`` returning a context manager (overhead
             breakdown); ``None`` = no timing.
     """
@@ -130,11 +137,13 @@ class MapSlot:
     A: torch.Tensor | None = None
     s_rms: torch.Tensor | None = None
     replay: torch.Tensor | None = None
+    defer_output: bool = False
+    pending: tuple | None = None
     timer: Any = None
 
     def clear(self) -> None:
         self.want_map = False
-        self.A = self.s_rms = self.replay = None
+        self.A = self.s_rms = self.replay = self.pending = None
 
 
 def check_plain_attention(attn, name: str) -> None:
@@ -192,6 +201,12 @@ class MapSelfAttnProcessor:
         if attention_mask is not None:
             raise UnsupportedFamily("AT-EDM's mapped attention does not support attention masks")
         slot.want_map = False
+        # timed as a whole (projections included), comparable with a dense attn1 call
+        with _time(slot, "map"):
+            return self._mapped(attn, hidden_states, encoder_hidden_states)
+
+    def _mapped(self, attn, hidden_states, encoder_hidden_states):
+        slot = self.slot
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q, k, v = attn.to_q(hidden_states), attn.to_k(ctx), attn.to_v(ctx)
         q, k, v = (_heads(t, attn.heads) for t in (q, k, v))
@@ -199,10 +214,36 @@ class MapSelfAttnProcessor:
             q = attn.norm_q(q)
         if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
-        with _time(slot, "map"):
-            out, slot.A, slot.s_rms = attention_with_map(
-                q, k, v, head_reduce=slot.head_reduce, iters=slot.iters, chunk_mb=slot.chunk_mb
-            )
+        out, slot.A, slot.s_rms = attention_with_map(
+            q,
+            k,
+            v,
+            head_reduce=slot.head_reduce,
+            iters=slot.iters,
+            chunk_mb=slot.chunk_mb,
+            need_out=not slot.defer_output,
+        )
+        if out is None:
+            slot.pending = (attn, q, k, v)
+            return None
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def kept_rows_output(slot: MapSlot, keep: torch.Tensor) -> torch.Tensor:
+    """Attention output of the kept query rows of a deferred mapped call, ``[B, k, C]``.
+
+    At a prune point after self-attention only the kept rows of the output are ever used (the
+    pruned rows are refilled from kept tokens later), so instead of ``P V`` for all rows
+    (measured on CPU: ``P V`` through explicit probabilities costs as much as the map itself)
+    the kept rows are computed by fused SDPA: map + ``k/N`` of a fused pass is cheaper than map
+    + ``P V``.
+    """
+    attn, q, k, v = slot.pending
+    slot.pending = None
+    with _time(slot, "map"):
+        idx = keep[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])
+        out = F.scaled_dot_product_attention(q.gather(2, idx), k, v)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -231,6 +272,11 @@ class MapJointAttnProcessor:
         if attention_mask is not None:
             raise UnsupportedFamily("AT-EDM's mapped attention does not support attention masks")
         slot.want_map = False
+        with _time(slot, "map"):
+            return self._mapped(attn, hidden_states, encoder_hidden_states)
+
+    def _mapped(self, attn, hidden_states, encoder_hidden_states):
+        slot = self.slot
         n_img = hidden_states.shape[1]
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         q, k, v = (_heads(t, attn.heads) for t in (q, k, v))
@@ -246,16 +292,15 @@ class MapJointAttnProcessor:
         if attn.norm_added_k is not None:
             ck = attn.norm_added_k(ck)
         q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        with _time(slot, "map"):
-            out, slot.A, slot.s_rms = attention_with_map(
-                q,
-                k,
-                v,
-                n_map=n_img,
-                head_reduce=slot.head_reduce,
-                iters=slot.iters,
-                chunk_mb=slot.chunk_mb,
-            )
+        out, slot.A, slot.s_rms = attention_with_map(
+            q,
+            k,
+            v,
+            n_map=n_img,
+            head_reduce=slot.head_reduce,
+            iters=slot.iters,
+            chunk_mb=slot.chunk_mb,
+        )
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         img, ctx = out[:, :n_img], out[:, n_img:]
         if not attn.context_pre_only:

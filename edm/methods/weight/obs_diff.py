@@ -29,8 +29,9 @@ class OBSDiff(PruningMethod):
             Cholesky fails (the solver already retries with 10x more, and logs it).
         blocksize: OBS lazy-update block and unstructured mask window (128 as the paper); must be
             a multiple of M for N:M.
-        exclude_first_last: structured only; skip the first and last transformer blocks, as the
-            paper's structured tables do (the public script only skips the last).
+        exclude_first_last: structured only; skip the first and last transformer blocks.
+            ``None`` (default) = as the paper's tables: excluded for MMDiT (Tables 4/9), included
+            for UNets (Table 3's 1.91 B / 4.70 T are reproduced only with every block pruned).
         no_compensate: structured only; remove columns without the OBS weight update (ablation).
         rrf_k: structured MMDiT only; reciprocal-rank-fusion constant for joint heads (60).
     """
@@ -41,7 +42,7 @@ class OBSDiff(PruningMethod):
         granularity: str = "unstructured",
         percdamp: float = 0.01,
         blocksize: int = 128,
-        exclude_first_last: bool = True,
+        exclude_first_last: bool | None = None,
         no_compensate: bool = False,
         rrf_k: int = 60,
         name: str = "obs_diff",
@@ -65,7 +66,10 @@ class OBSDiff(PruningMethod):
             )
         self.granularity = granularity
         self.percdamp, self.blocksize = float(percdamp), int(blocksize)
-        self.exclude_first_last, self.no_compensate = bool(exclude_first_last), bool(no_compensate)
+        # None: the paper's per-family choice (MMDiT tables exclude the first and last blocks;
+        # the SDXL table's numbers are only reproduced with every block pruned).
+        self.exclude_first_last = None if exclude_first_last is None else bool(exclude_first_last)
+        self.no_compensate = bool(no_compensate)
         self.rrf_k = int(rrf_k)
 
     def prune_layer(self, name: str, module: nn.Module, stat) -> None:
@@ -118,6 +122,10 @@ class OBSDiff(PruningMethod):
             "peak_mem_gb": peak_gb,
         }
         details = dict(details or {}, peak_mem_source=peak_src, granularity="structured")
+        from edm.methods.weight.io import save_to_run  # shapes changed: reload via pruned_from
+
+        details["saved_to"] = save_to_run(denoiser, ctx, {"method": self.name,
+                                                         "sparsity": self.sparsity})
         patched = int(details.get("patched", len(details.get("targets", [])) or 1))
         return MethodReport(
             name=self.name,

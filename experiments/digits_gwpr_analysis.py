@@ -1,0 +1,168 @@
+"""Why does (or doesn't) G-WPR beat random token selection on the embedded digits model?
+
+Runs the dense digits pipeline on a few prompts and, at every self-attention layer and step,
+reads the head-mean self-attention map of the conditional CFG half (the map AT-EDM prunes
+with) and the layer's output. Per layer it reports
+
+* ``entropy``: mean row entropy of the map / log N (1 = uniform attention, 0 = one-hot);
+* ``top-k mass``: share of the G-WPR score held by the kept tokens (random keeps k/N of it);
+* ``refill err``: ``||y - refill(y[keep])|| / ||y||`` of the layer output when the pruned tokens
+  are replaced by a copy of the kept token they attend to most -- AT-EDM's refill, applied to the
+  dense output -- for G-WPR keep sets vs random keep sets of the same size;
+* ``source dist``: mean grid distance from a pruned token to the kept token it copies;
+* ``ink kept``: share of the kept tokens lying on the digit's strokes (final image, pooled to the
+  layer's grid) vs the share of ink tokens in the grid (what random keeps on average);
+* ``step corr``: Spearman correlation of G-WPR scores between consecutive steps.
+
+    python experiments/digits_gwpr_analysis.py --prompts 20 --prune-ratio 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _attention_map(attn, h: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax(QK^T / sqrt(d)) of a diffusers self-attention on ``h`` [B, N, C]."""
+    q, k = attn.to_q(h), attn.to_k(h)
+    b, n, _ = q.shape
+    q = q.view(b, n, attn.heads, -1).transpose(1, 2)
+    k = k.view(b, n, attn.heads, -1).transpose(1, 2)
+    p = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+    return p.mean(1)
+
+
+def _rankcorr(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm() + 1e-12))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=20)
+    ap.add_argument("--prune-ratio", type=float, default=0.5)
+    ap.add_argument("--random-draws", type=int, default=8)
+    ap.add_argument("--checkpoint", default=None, help="digits checkpoint folder (default: shipped)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from edm.data.digits import DigitPrompts
+    from edm.data.prompts import assign_seeds
+    from edm.digits import DigitsLoader
+    from edm.families import adapter
+    from edm.methods.token.atedm_kernel import assign_by_attention, gwpr, keep_count, keep_indices, refill
+
+    pipe = DigitsLoader(args.checkpoint).load()
+    unet = pipe.unet
+    items = assign_seeds(DigitPrompts(num_prompts=args.prompts).load(), 0)
+    step = {"i": -1}
+    maps, outs = {}, {}  # (layer, step) -> cond-half map / output
+    hooks = [unet.register_forward_pre_hook(lambda m, a: step.__setitem__("i", step["i"] + 1))]
+    layers = [(n, l) for blk in adapter(pipe).attention_blocks(unet) for n, l in blk.layers]
+    for name, layer in layers:
+        def pre(mod, a, kw, name=name):
+            h = a[0] if a else kw["hidden_states"]
+            half = h.shape[0] // 2
+            with torch.no_grad():
+                maps[name, step["i"]] = _attention_map(mod, h[half:])
+        def post(mod, a, out, name=name):
+            y = out[0] if isinstance(out, tuple) else out
+            outs[name, step["i"]] = y[y.shape[0] // 2:].detach()
+        hooks.append(layer.attn1.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(layer.register_forward_hook(post))
+    with torch.no_grad():
+        images = pipe(prompt=[it.prompt for it in items], num_inference_steps=25, guidance_scale=1.5,
+                      height=16, width=16, output_type="pt",
+                      generator=[torch.Generator().manual_seed(it.seed) for it in items]).images
+    for h in hooks:
+        h.remove()
+    ink_full = images.mean(1, keepdim=True)  # [B, 1, 16, 16] in [0, 1]; ink is bright
+
+    g = torch.Generator().manual_seed(0)
+    rows = defaultdict(lambda: defaultdict(list))
+    steps = step["i"] + 1
+    for (name, t), A in maps.items():
+        y = outs[name, t]
+        b, n, _ = A.shape
+        side = int(math.isqrt(n))
+        k = keep_count(n, args.prune_ratio)
+        r = rows[name]
+        r["N"] = [n]
+        ent = -(A.clamp_min(1e-12).log() * A).sum(-1).mean() / math.log(n)
+        r["entropy"].append(float(ent))
+        s = gwpr(A)
+        keep = keep_indices(s, k)
+        r["topk_mass"].append(float(s.gather(1, keep).sum(-1).mean()))
+        err = lambda kp: float(((y - refill(y.gather(1, kp.unsqueeze(-1).expand(-1, -1, y.shape[-1])),  # noqa: E731
+                                               assign_by_attention(A, kp))).norm(dim=(1, 2))
+                                / y.norm(dim=(1, 2))).mean())
+        r["refill_gwpr"].append(err(keep))
+        r["dist_gwpr"].append(_source_distance(A, keep, side))
+        rand = [torch.rand(b, n, generator=g).topk(k, -1).indices.sort(-1).values
+                for _ in range(args.random_draws)]
+        r["refill_random"].append(sum(err(kp) for kp in rand) / len(rand))
+        r["dist_random"].append(sum(_source_distance(A, kp, side) for kp in rand) / len(rand))
+        ink = (F.adaptive_avg_pool2d(ink_full, side).flatten(1) > 0.5).float()  # [B, N]
+        r["ink_kept"].append(float(ink.gather(1, keep).mean()))
+        r["ink_all"].append(float(ink.mean()))
+        if t > 0 and (name, t - 1) in maps:
+            sp = gwpr(maps[name, t - 1])
+            r["step_corr"].append(sum(_rankcorr(s[i], sp[i]) for i in range(b)) / b)
+
+    print(f"digits model, {args.prompts} prompts x {steps} steps, prune_ratio {args.prune_ratio}, "
+          f"random = mean of {args.random_draws} draws\n")
+    print("| layer | tokens | entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
+          "| source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) | step corr |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    for name, _ in layers:
+        r = rows[name]
+        n = r["N"][0]
+        k = keep_count(n, args.prune_ratio)
+        print(f"| {name} | {int(math.isqrt(n))}x{int(math.isqrt(n))} | {mean(r['entropy']):.3f} | "
+              f"{mean(r['topk_mass']):.3f} ({k / n:.3f}) | {mean(r['refill_gwpr']):.3f} | "
+              f"{mean(r['refill_random']):.3f} | {mean(r['dist_gwpr']):.2f} | {mean(r['dist_random']):.2f} | "
+              f"{mean(r['ink_kept']):.3f} | {mean(r['ink_all']):.3f} | "
+              f"{mean(r['step_corr']):.3f} |")
+    phases = (("early (first third)", lambda t: t < steps // 3),
+              ("late (last third)", lambda t: t >= steps - steps // 3))
+    for ph, sel in phases:
+        gw = [e for (_, t), e in _by_step(rows, maps, "refill_gwpr") if sel(t)]
+        rd = [e for (_, t), e in _by_step(rows, maps, "refill_random") if sel(t)]
+        print(f"refill error, {ph} steps, all layers: G-WPR {mean(gw):.3f} / random {mean(rd):.3f}")
+
+
+def _source_distance(A: torch.Tensor, keep: torch.Tensor, side: int) -> float:
+    """Mean grid distance from each pruned token to the kept token it is refilled from."""
+    from edm.methods.token.atedm_kernel import assign_by_attention
+
+    src = keep.gather(1, assign_by_attention(A, keep))  # [B, N] grid index of the source
+    pos = torch.arange(A.shape[-1])
+    d = torch.hypot((pos // side - src // side).float(), (pos % side - src % side).float())
+    pruned = d.new_ones(d.shape, dtype=torch.bool).scatter(1, keep, False)
+    return float(d[pruned].mean())
+
+
+def _by_step(rows, maps, key):
+    """(layer, step) -> value, from the per-layer lists filled in map order."""
+    counters = defaultdict(int)
+    out = []
+    for (name, t) in maps:
+        i = counters[name]
+        counters[name] += 1
+        out.append(((name, t), rows[name][key][i]))
+    return out
+
+
+if __name__ == "__main__":
+    main()

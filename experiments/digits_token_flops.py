@@ -1,0 +1,77 @@
+"""FLOPs per denoising step of token-method settings on the embedded digits model.
+
+Used to pick ToMe settings that match AT-EDM's FLOPs in ``conf/experiment/digits_token_quality.yaml``
+(FLOPs do not depend on the weights, so any digits checkpoint of the same preset gives the same
+numbers). Each setting is a list of Hydra overrides composed exactly as ``run.py`` would:
+
+    python experiments/digits_token_flops.py                       # the default grid
+    python experiments/digits_token_flops.py "method=tome method.ratio=0.5 method.merge_mlp=true"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DEFAULT_GRID = (
+    ["method=none"]
+    + [f"method=at_edm method.prune_ratio={r} method.dsap.enabled={d}"
+       for d in ("true", "false") for r in (0.3, 0.4, 0.5, 0.6, 0.7)]
+    + [f"method=tome method.max_downsample=2 method.ratio={r} method.merge_crossattn={c} method.merge_mlp={m}"
+       for c, m in (("false", "false"), ("true", "true"))
+       for r in (0.3, 0.4, 0.5, 0.6, 0.7, 0.75)]
+)
+
+
+def gflops(overrides: list[str]) -> float:
+    """``perf/gflops_per_step`` (CFG batch included, averaged over the trajectory) of one setting."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from edm import perf
+    from edm.data.prompts import assign_seeds
+    from edm.methods.base import ApplyContext
+    from edm.runner import build_method
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", "data.num_prompts=1", *overrides],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
+    method = build_method(cfg)
+    pipe = instantiate(cfg.model.loader).load(family=cfg.model.family, dtype="fp32", device="cpu")
+    gen = OmegaConf.to_container(cfg.gen, resolve=True)
+    item = assign_seeds(instantiate(cfg.data).load(), int(cfg.seed))[0]
+    method.apply(pipe, ApplyContext(family=cfg.model.family, device=torch.device("cpu"), gen=gen,
+                                    seed=int(cfg.seed)))
+    return perf.flops_per_step(pipe, item, gen)["gflops_per_step"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("settings", nargs="*", help="space-separated overrides per setting (quoted)")
+    ap.add_argument("--extra", default="", help="overrides added to every setting, e.g. a checkpoint")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    dense = None
+    for s in args.settings or DEFAULT_GRID:
+        g = gflops(s.split() + args.extra.split())
+        dense = g if dense is None and s == "method=none" else dense
+        rel = f"  ({g / dense:.3f} x dense)" if dense else ""
+        print(f"{g:.5f} GFLOPs/step{rel}  {s}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
