@@ -18,6 +18,7 @@ Hand-written text after the ``<!-- discussion -->`` line of an existing .md is k
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -46,7 +47,10 @@ def run_file_name(rec: dict) -> str:
     # the job folder is "<num>_<overrides>"; overrides with "/" (paths) nest it deeper
     jobs = [p.split("_", 1)[0] for p in Path(rec["run"]["output_dir"]).parts if re.match(r"^\d+_", p)]
     name = rec["run"]["run_name"].replace(":", "to")
-    return re.sub(r"[^A-Za-z0-9._=-]", "_", f"{int(jobs[-1]):02d}_{name}" if jobs else name) + ".json"
+    # run names do not show every swept knob (e.g. DSAP): a hash of the overrides keeps files apart
+    tag = hashlib.sha1("\n".join(sorted(rec["run"].get("overrides", []))).encode()).hexdigest()[:6]
+    name = f"{int(jobs[-1]):02d}_{name}_{tag}" if jobs else f"{name}_{tag}"
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", name) + ".json"
 
 
 def collect(outputs: Path) -> None:
@@ -208,7 +212,9 @@ def token_variant(rec: dict) -> tuple[str, float] | None:
         return None
     sel = value_of(rec, "method.selection")
     dsap = str(value_of(rec, "method.dsap.enabled")).lower() == "true"
-    return f"at_edm {sel}{' + DSAP' if dsap else ''}", float(value_of(rec, "method.prune_ratio"))
+    refill = value_of(rec, "method.assignment")
+    refill = "" if refill in (None, "attention") else f", {refill} refill"
+    return f"at_edm {sel}{' + DSAP' if dsap else ''}{refill}", float(value_of(rec, "method.prune_ratio"))
 
 
 def _token_records(by_exp) -> list[dict]:

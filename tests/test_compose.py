@@ -31,14 +31,6 @@ run_name: ${model.name}-${method.tag}-s${seed}
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine: faster and stable
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def minimal_conf(tmp_path):
     conf = tmp_path / "conf"

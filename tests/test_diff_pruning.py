@@ -14,14 +14,6 @@ from edm.methods.base import ApplyContext
 from edm.methods.weight.diff_pruning import DiffPruning, accumulate_gradients, attention_heads
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: OpenMP spin-waiting on a shared 2-core box costs 100x; one thread is fastest.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def digits_pipe(heads=(2, 4, 4), seed=0):
     """A digits pipeline (random init) whose attention has several heads per block, so that

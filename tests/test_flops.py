@@ -20,13 +20,6 @@ from edm.models import archs
 from edm.models.tiny import tiny_sd3, tiny_sd15, tiny_sdxl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _to(x, device):
     if torch.is_tensor(x):

@@ -21,13 +21,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 HUB_MODELS = ["sd15", "sd21", "sdxl", "sd3_medium", "sd35_medium", "sd35_large"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model_cfg(name):
     return OmegaConf.load(CONF / f"{name}.yaml")

@@ -26,14 +26,6 @@ from edm.methods.weight.slicing import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: OpenMP spin-waiting on a shared 2-core box costs 100x; one thread is fastest.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------- tiny models (inline builders)
 def tiny_unet(seed: int = 0):
