@@ -60,7 +60,13 @@ def main(argv=None) -> None:
     from edm.data.prompts import assign_seeds
     from edm.digits import DigitsLoader
     from edm.families import adapter
-    from edm.methods.token.atedm_kernel import assign_by_attention, gwpr, keep_count, keep_indices, refill
+    from edm.methods.token.atedm_kernel import (
+        assign_by_attention,
+        gwpr,
+        keep_count,
+        keep_indices,
+        refill,
+    )
 
     pipe = DigitsLoader(args.checkpoint).load()
     unet = pipe.unet
@@ -94,7 +100,7 @@ def main(argv=None) -> None:
     for (name, t), A in maps.items():
         y = outs[name, t]
         b, n, _ = A.shape
-        side = int(math.isqrt(n))
+        side = math.isqrt(n)
         k = keep_count(n, args.prune_ratio)
         r = rows[name]
         r["N"] = [n]
@@ -103,9 +109,11 @@ def main(argv=None) -> None:
         s = gwpr(A)
         keep = keep_indices(s, k)
         r["topk_mass"].append(float(s.gather(1, keep).sum(-1).mean()))
-        err = lambda kp: float(((y - refill(y.gather(1, kp.unsqueeze(-1).expand(-1, -1, y.shape[-1])),  # noqa: E731
-                                               assign_by_attention(A, kp))).norm(dim=(1, 2))
-                                / y.norm(dim=(1, 2))).mean())
+        def err(kp, y=y, A=A):  # relative change of the layer output after the refill
+            kept = y.gather(1, kp.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+            diff = (y - refill(kept, assign_by_attention(A, kp))).norm(dim=(1, 2))
+            return float((diff / y.norm(dim=(1, 2))).mean())
+
         r["refill_gwpr"].append(err(keep))
         r["dist_gwpr"].append(_source_distance(A, keep, side))
         rand = [torch.rand(b, n, generator=g).topk(k, -1).indices.sort(-1).values
@@ -124,12 +132,12 @@ def main(argv=None) -> None:
     print("| layer | tokens | entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
           "| source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) | step corr |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    mean = lambda v: sum(v) / len(v) if v else float("nan")
     for name, _ in layers:
         r = rows[name]
         n = r["N"][0]
         k = keep_count(n, args.prune_ratio)
-        print(f"| {name} | {int(math.isqrt(n))}x{int(math.isqrt(n))} | {mean(r['entropy']):.3f} | "
+        print(f"| {name} | {math.isqrt(n)}x{math.isqrt(n)} | {mean(r['entropy']):.3f} | "
               f"{mean(r['topk_mass']):.3f} ({k / n:.3f}) | {mean(r['refill_gwpr']):.3f} | "
               f"{mean(r['refill_random']):.3f} | {mean(r['dist_gwpr']):.2f} | {mean(r['dist_random']):.2f} | "
               f"{mean(r['ink_kept']):.3f} | {mean(r['ink_all']):.3f} | "

@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tables import load_results, render_sweep, value_of  # noqa: E402
+from tables import load_results, render_sweep, value_of
 
 RESULTS = HERE / "results"
 RUNS = RESULTS / "digits_runs"
@@ -101,11 +101,11 @@ def _header(title: str, experiments, runs: list[dict]) -> list[str]:
     n = sorted({r["run"]["num_items"] for r in runs})
     return [
         f"# {title}", "",
-        "Embedded default model (`model=digits`, 16x16 pixel-space UNet, 25 DDIM steps, CFG 1.5), "
+        ("Embedded default model (`model=digits`, 16x16 pixel-space UNet, 25 DDIM steps, CFG 1.5), "
         f"{'/'.join(map(str, n))} prompts per run (balanced over the ten digits, seed 0), `threads=1`, on a 2-core "
         "CPU shared with other jobs. Digit-feature FID (`eval/digit_fid`, lower is better; "
         "`digit_fid_floor` = real training digits vs the held-out reference) and prompt accuracy "
-        "(`eval/prompt_acc`, the digit classifier agrees with the prompt) from `conf/eval/digits.yaml`.",
+        "(`eval/prompt_acc`, the digit classifier agrees with the prompt) from `conf/eval/digits.yaml`."),
         "", "Produced by:", "", "```",
         *[f"python run.py experiment={e}{_extra(runs)}" for e in experiments],
         "python experiments/digits_tables.py --collect   # copies metrics to experiments/results/digits_runs/",
@@ -117,7 +117,7 @@ def _extra(runs: list[dict]) -> str:
     common = None
     for r in runs:
         ov = {o for o in r.get("run", {}).get("overrides", [])
-              if o.split("=", 1)[0].lstrip("+") in ("logger", "gen.progress", "model.loader.checkpoint")}
+              if o.split("=", 1)[0].lstrip("+") in ("logger", "gen.progress")}
         common = ov if common is None else common & ov
     return "".join(f" {o}" for o in sorted(common or ()))
 
@@ -135,10 +135,10 @@ def weight_md(by_exp, plot_path: Path) -> str:
     lines = _header("Weight pruning on the embedded digits model", WEIGHT, uns + nm + st)
     if dense:
         m = dense["metrics"]
-        lines += [f"**Dense baseline**: digit FID {_f(m.get('eval/digit_fid'))}, prompt accuracy "
+        lines += [(f"**Dense baseline**: digit FID {_f(m.get('eval/digit_fid'))}, prompt accuracy "
                   f"{_f(m.get('eval/prompt_acc'))} (floor FID {_f(m.get('eval/digit_fid_floor'))}), "
                   f"{_f(m.get('perf/params_m'))} M UNet parameters, "
-                  f"{_f(m.get('perf/gflops_per_step'), '{:.4f}')} GFLOPs/step.", ""]
+                  f"{_f(m.get('perf/gflops_per_step'), '{:.4f}')} GFLOPs/step."), ""]
     lines += ["## Unstructured", ""]
     if uns:
         for key, what in (("eval/digit_fid", "digit FID (lower is better)"),
@@ -235,12 +235,12 @@ def token_md(by_exp, plot_path: Path) -> str:
     dense = _dense(by_exp)
     if dense:
         m = dense["metrics"]
-        lines += [f"**Dense baseline** (digits_weight_nm, method=none): digit FID "
+        lines += [(f"**Dense baseline** (digits_weight_nm, method=none): digit FID "
                   f"{_f(m.get('eval/digit_fid'))}, prompt accuracy {_f(m.get('eval/prompt_acc'))}, "
-                  f"{_f(m.get('perf/gflops_per_step'), '{:.4f}')} GFLOPs/step.", ""]
-    lines += ["Columns: AT-EDM `method.prune_ratio` (keep ratio = 1 - column). ToMe rows sit in the "
+                  f"{_f(m.get('perf/gflops_per_step'), '{:.4f}')} GFLOPs/step."), ""]
+    lines += [("Columns: AT-EDM `method.prune_ratio` (keep ratio = 1 - column). ToMe rows sit in the "
               "column whose AT-EDM-with-DSAP FLOPs they match (ToMe ratio 0.10/0.15/0.20/0.25/0.30 "
-              "-> 0.3/0.4/0.5/0.6/0.7); the GFLOPs table shows the measured value of every run.", ""]
+              "-> 0.3/0.4/0.5/0.6/0.7); the GFLOPs table shows the measured value of every run."), ""]
     if recs:
         for key, what in (("eval/digit_fid", "digit FID (lower is better)"),
                           ("eval/prompt_acc", "prompt accuracy (higher is better)"),
