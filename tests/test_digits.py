@@ -33,16 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a handwritten digit seven", "the number 3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one thread is as fast on a quiet machine and far faster on a
-    # shared one (two spinning OpenMP threads on an oversubscribed CPU slow down ~10x).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def random_pipe():
     pipe = DigitsPipeline(**build_components(default_config("small"), seed=0))
