@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edm.methods.weight.obs import prepare_hessian
+
 __all__ = [
     "StructuredResult",
     "ffn_round_sizes",
@@ -62,12 +64,8 @@ def ffn_round_sizes(target: int) -> list[int]:
 
 
 def _prepare(W: torch.Tensor, H: torch.Tensor, percdamp: float):
-    """fp32 copies; dead inputs (zero Hessian diagonal) get diag 1 and zero weight; damping."""
-    W = W.detach().float().clone()
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    """fp32 copies with dead inputs fixed (shared with the unstructured solver), then damping."""
+    W, H, _ = prepare_hessian(W, H)
     if percdamp > 0:
         H.diagonal().add_(percdamp * torch.diag(H).mean())
     return W, H
