@@ -45,12 +45,12 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 _SKIP = {"_target_", "defaults", "name", "tag"}
 
 
-def sdxl_meta(height: int = 1024, width: int = 1024):
+def sdxl_meta(height: int = 1024, width: int = 1024, batch: int = 1):
     """A pipe-like holder of the meta SD-XL UNet (with a scheduler) and one call's inputs."""
     from diffusers import EulerDiscreteScheduler
 
     unet = archs.build_denoiser("sdxl")
-    inputs = archs.sample_inputs("sdxl", height=height, width=width, batch_size=1)
+    inputs = archs.sample_inputs("sdxl", height=height, width=width, batch_size=batch)
     pipe = types.SimpleNamespace(unet=unet, scheduler=EulerDiscreteScheduler(), edm_family="sdxl")
     return pipe, inputs
 

@@ -48,8 +48,9 @@ NO_DSAP = {"enabled": False}  # one call = a late denoising step
 class Bench:
     """One architecture at one shape: meta copy for FLOPs, CPU copy for timing."""
 
-    def __init__(self, arch: str, size: int, batch: int, dtype: torch.dtype):
+    def __init__(self, arch: str, size: int, batch: int, dtype: torch.dtype, device: str = "cpu"):
         self.arch, self.size, self.batch, self.dtype = arch, size, batch, dtype
+        self.device = device
         self.family = archs.arch_spec(arch).family
         self.meta = archs.build_denoiser(arch)
         self.meta_inputs = archs.sample_inputs(arch, size, size, batch)
@@ -64,6 +65,8 @@ class Bench:
     def flops(self, method) -> float:
         if method is None:
             return float(meta_denoiser_flops(self.meta, self.meta_inputs))
+        if isinstance(method, ATEDM):  # the timed inputs are a CFG batch (equal latent halves)
+            method.meta_cfg_batch = True
         pipe = self.pipe(self.meta)
         method.apply(pipe, ApplyContext(family=self.family))
         try:
@@ -86,8 +89,14 @@ class Bench:
         return round(best[0], 4)
 
 
+def _profile(bench: Bench) -> str | bool:
+    # CPU: per-phase thread time. GPU: no per-phase timing, whose syncs would stall the launch
+    # queue and slow the very call being timed (use experiments/profile_token.py there).
+    return False if bench.device == "cuda" else "cpu"
+
+
 def _atedm(**kw):
-    return lambda bench: ATEDM(dsap=NO_DSAP, profile="cpu", **kw)
+    return lambda bench: ATEDM(dsap=NO_DSAP, profile=_profile(bench), **kw)
 
 
 def _tome(bench: Bench):
@@ -156,7 +165,9 @@ ROWS: dict[str, Callable[[Bench], object]] = {
     # "dagger": skip the highest-resolution attention level (SD1.5 512²: 64x64, downsample 1;
     # SDXL 512²: 32x32, downsample 2), where the explicit maps are largest
     "at_edm_dagger": lambda bench: ATEDM(
-        dsap=NO_DSAP, profile="cpu", downsamples=[2, 4, 8] if bench.family != "sdxl" else [4]
+        dsap=NO_DSAP,
+        profile=_profile(bench),
+        downsamples=[2, 4, 8] if bench.family != "sdxl" else [4],
     ),
     # --- ToMe rows ---
     "tome": _tome,
@@ -180,7 +191,19 @@ def cpu_inputs(arch: str, size: int, batch: int, dtype: torch.dtype, seed: int =
     return inp
 
 
-def _sdpa_timers(denoiser, layer_names: list[str], acc: dict[str, float]):
+def _to(x, dev: str):
+    """Move the tensors of a (nested) inputs dict, e.g. SDXL's ``added_cond_kwargs``."""
+    if isinstance(x, dict):
+        return {k: _to(v, dev) for k, v in x.items()}
+    return x.to(dev) if torch.is_tensor(x) else x
+
+
+def _cuda_clock() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _sdpa_timers(denoiser, layer_names: list[str], acc: dict[str, float], clock=time.thread_time):
     """Forward pre/post hooks adding the fused attn1 time of each layer to ``acc[name]``."""
     modules = dict(denoiser.named_modules())
     handles, start = [], {}
@@ -188,10 +211,10 @@ def _sdpa_timers(denoiser, layer_names: list[str], acc: dict[str, float]):
         attn = modules.get(f"{name}.attn1") or modules[f"{name}.attn"]  # UNet | MMDiT
 
         def pre(mod, args, name=name):
-            start[name] = time.thread_time()
+            start[name] = clock()
 
         def post(mod, args, out, name=name):
-            acc[name] = acc.get(name, 0.0) + time.thread_time() - start[name]
+            acc[name] = acc.get(name, 0.0) + clock() - start[name]
 
         handles += [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post)]
     return handles
@@ -199,8 +222,11 @@ def _sdpa_timers(denoiser, layer_names: list[str], acc: dict[str, float]):
 
 @torch.no_grad()
 def bench_model(arch: str, rows: list[str], args) -> list[str]:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    bench = Bench(arch, args.size, args.batch, dtype)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dev = args.device
+    bench = Bench(arch, args.size, args.batch, dtype, dev)
+    # CPU: this thread's CPU time (robust to other load); GPU: wall clock after a sync
+    clock = _cuda_clock if dev == "cuda" else time.thread_time
     methods, flops = {}, {}
     for row in rows:
         methods[row] = ROWS[row](bench)
@@ -208,9 +234,9 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
         if row == "at_edm":
             bench.target = flops[row]
         print(f"[{arch}] {row}: {flops[row] / 1e12:.3f} TFLOPs/call", flush=True)
-    denoiser = archs.build_denoiser(arch, device="cpu", dtype=dtype)
+    denoiser = archs.build_denoiser(arch, device=dev, dtype=dtype)
     pipe = bench.pipe(denoiser)
-    inputs = cpu_inputs(arch, args.size, args.batch, dtype)
+    inputs = _to(cpu_inputs(arch, args.size, args.batch, dtype), dev)
     ctx = ApplyContext(family=bench.family, dtype=dtype)
     mapped: list[str] = []
     for row in rows:  # which layers AT-EDM maps (the dense row times their SDPA)
@@ -218,6 +244,9 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
             rep = methods[row].apply(pipe, ctx)
             mapped = sorted(set(mapped) | set(rep.details["pruning_layers"]))
             methods[row].remove(pipe)
+    for m in methods.values():  # drop what the meta FLOPs counts and the dry apply timed
+        if isinstance(m, ATEDM):
+            m.timings.clear()
     wall = {r: [] for r in rows}
     cpu = {r: [] for r in rows}  # this thread's CPU time: excludes time descheduled by other load
     sdpa_acc: dict[str, float] = {}
@@ -229,13 +258,17 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
             m = methods[row]
             handles = []
             if m is None:
-                handles = _sdpa_timers(denoiser, mapped, sdpa_acc)
+                if dev != "cuda":  # per-layer timing needs syncs on CUDA
+                    handles = _sdpa_timers(denoiser, mapped, sdpa_acc, clock)
             else:
                 m.apply(pipe, ctx)
-            t0, c0 = time.perf_counter(), time.thread_time()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t0, c0 = time.perf_counter(), clock()
             out = denoiser(**inputs)[0]
+            c1 = clock()
             wall[row].append(time.perf_counter() - t0)
-            cpu[row].append(time.thread_time() - c0)
+            cpu[row].append(c1 - c0)
             outputs.setdefault(row, out)
             for h in handles:
                 h.remove()
@@ -246,10 +279,15 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
                 f"cpu {cpu[row][-1]:.2f} s",
                 flush=True,
             )
+    where = (
+        f"{torch.cuda.get_device_name()}, synchronized wall clock in both time columns"
+        if dev == "cuda"
+        else f"{args.threads} thread(s)"
+    )
     lines = [
         (
-            f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, "
-            f"{args.threads} thread(s), {args.rounds} rounds\n"
+            f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, {where}, "
+            f"{args.rounds} rounds\n"
         ),
         (
             "| row | TFLOPs/call | FLOPs ratio | wall s (median) | wall speed-up | "
@@ -271,6 +309,13 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
             f"{statistics.median(cpu[row]):.2f} | {sp_c:.3f} | {sp_c / ratio_f:.2f} | "
             f"{changed} | {setting} |"
         )
+    if dev == "cuda":
+        lines += [
+            "",
+            "Per-phase overhead is not timed on CUDA (see experiments/profile_token.py).",
+        ]
+        del denoiser
+        return lines
     lines += [
         "",
         (
@@ -323,12 +368,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=None, help="write the markdown report here")
     ap.add_argument("--append", action="store_true", help="append to --out (one file, two runs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what a GPU user runs (fp32 rows only)
     rows = [r for r in args.rows.split(",") if r]
     assert rows[0] == "dense" and "at_edm" in rows, "rows must start with dense and include at_edm"
     t0 = time.time()
@@ -336,7 +384,7 @@ def main() -> None:
         []
         if args.append
         else [
-            "# Token pruning benchmark (CPU)",
+            f"# Token pruning benchmark ({'GPU' if args.device == 'cuda' else 'CPU'})",
             "",
             (
                 f"torch {torch.__version__}, random weights; see "

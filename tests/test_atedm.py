@@ -407,6 +407,55 @@ def test_cfg_batch_shares_the_mask(pipes, monkeypatch):
         m.remove(pipe)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("assignment", ["attention", "cosine"])
+def test_cfg_batch_maps_the_cond_half_only(pipes, monkeypatch, family, assignment):
+    """With a shared CFG mask the uncond half's map is never computed, and the images equal
+    those of computing both halves' maps (the uncond map was discarded anyway)."""
+    from edm.methods.token import attn_map
+
+    pipe = pipes[family]
+    mapped_batches = []
+    real = attn_map.attention_with_map
+
+    def spy(q, *a, **kw):
+        mapped_batches.append(q.shape[0])
+        return real(q, *a, **kw)
+
+    monkeypatch.setattr(attn_map, "attention_with_map", spy)
+    outs = {}
+    for cond_only in (True, False):
+        if not cond_only:  # reference: every row mapped, as before the optimisation
+            monkeypatch.setattr(
+                attn_map, "_attention_with_map_cfg", lambda slot, q, k, v, **kw: real(q, k, v, **kw)
+            )
+        m = ATEDM(prune_ratio=0.5, dsap=NO_DSAP, assignment=assignment)
+        m.apply(pipe, ApplyContext(family=family))
+        try:
+            outs[cond_only] = generate(pipe, family, guidance=3.0, steps=2)
+        finally:
+            m.remove(pipe)
+    assert mapped_batches and set(mapped_batches) == {2}  # CFG batch of 4: cond half = 2 rows
+    assert torch.allclose(outs[True], outs[False], atol=1e-5)
+
+
+def test_meta_cfg_batch_counts_one_map_per_pair():
+    """FLOPs on meta: a CFG batch (``meta_cfg_batch``) counts the cond half's maps only."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from atedm_budgets import avg_step_flops, sdxl_meta
+
+    pipe, inputs = sdxl_meta(256, 256, batch=2)
+    counts = []
+    for cfg in (False, True):
+        m = ATEDM(prune_ratio=0.63, dsap=NO_DSAP)
+        m.meta_cfg_batch = cfg
+        counts.append(avg_step_flops(pipe, inputs, m))
+    assert counts[1] < counts[0]
+
+
 def test_dsap_schedule_and_early_steps_prune_less(pipes):
     pipe = pipes["sdxl"]
     blocks = adapter("sdxl").attention_blocks(pipe.unet)
@@ -438,6 +487,40 @@ def test_dsap_schedule_and_early_steps_prune_less(pipes):
         h.remove()
     n = seen["l1"][0]
     assert seen["l1"] == [n, K.keep_count(n, 0.5), K.keep_count(n, 0.5)]
+
+
+def test_dsap_on_digits_follows_the_pipeline_steps(pipes):
+    """The digits pipeline's steps drive DSAP: an exempt block keeps every token in the early
+    steps only, and DSAP settings that exempt nothing are bit-identical to DSAP off."""
+    pipe = pipes["digits"]
+    blocks = adapter("digits").attention_blocks(pipe.unet)
+    d = DSAP(early_steps=1)
+    info = next(b for b in blocks if d.exempt(b))
+    seen = {}
+    h = _record_lengths(info.layers[0][1].attn2, seen, "attn2")
+    outs = {}
+    variants = {
+        "off": {"enabled": False},
+        "early1": {"enabled": True, "early_steps": 1},
+        "rule_none": {"enabled": True, "early_steps": 1, "block_rule": "none"},
+        "tau0": {"enabled": True, "early_steps": 0},
+    }
+    try:
+        for name, dsap in variants.items():
+            seen.clear()
+            m = ATEDM(prune_ratio=0.5, dsap=dsap)
+            m.apply(pipe, ApplyContext(family="digits"))
+            try:
+                outs[name] = generate(pipe, "digits", steps=3)
+            finally:
+                m.remove(pipe)
+            if name == "early1":
+                n = seen["attn2"][0]
+                assert seen["attn2"] == [n, K.keep_count(n, 0.5), K.keep_count(n, 0.5)]
+    finally:
+        h.remove()
+    assert torch.equal(outs["rule_none"], outs["off"]) and torch.equal(outs["tau0"], outs["off"])
+    assert not torch.equal(outs["early1"], outs["off"])
 
 
 def test_errors():

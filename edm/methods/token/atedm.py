@@ -66,6 +66,7 @@ SELECTIONS = ("gwpr", "random", "attn_colsum")
 ASSIGNMENTS = ("attention", "cosine")
 SCORE_SOURCES = ("self", "cross")
 MAP_OUTPUTS = ("auto", "reuse", "kept_fused")
+PROFILES = (False, True, "wall", "cpu", "cuda")
 _AUTO_POINT = {"sdxl": "after_ffn", "sd3": "after_ffn"}
 
 
@@ -111,8 +112,9 @@ class ATEDM(RuntimeMethod):
         cfg_shared_mask (`bool`, defaults to `True`): on a classifier-free-guidance batch
             (detected by equal latent halves, which is how diffusers batches CFG), the keep set
             and refill sources come from the conditional half and are shared by the
-            unconditional half, so the guidance difference compares the same tokens. ``False``:
-            each sample has its own mask (same ``k``).
+            unconditional half, so the guidance difference compares the same tokens; the map
+            is then computed for the cond half only (the uncond half runs fused SDPA), which
+            halves its cost. ``False``: each sample has its own mask and map (same ``k``).
         mmdit_prune_after (`list[int]`, defaults to `[0]`): MMDiT joint blocks after which to
             prune image tokens (negative = from the end).
         mmdit_refill_after (`int`, defaults to `-1`): MMDiT block after which to refill
@@ -124,11 +126,13 @@ class ATEDM(RuntimeMethod):
             on the kept queries; measured on CPU (SD1.5 64x64 level, CPU time): SDPA 0.64 s,
             map + ``P V`` 1.12 s, map alone 0.62 s + kept-row SDPA 0.23 s. ``auto``:
             ``kept_fused`` for ``after_self_attn``, ``reuse`` otherwise.
-        map_chunk_mb (`float`, defaults to `2`): memory of one attention-probability chunk
-            (1-2 MiB stays in cache: fastest on CPU).
+        map_chunk_mb (`float | None`, defaults to `None`): memory of one attention-probability
+            chunk; ``None`` = by device: 2 MiB on CPU (stays in cache: fastest there), 256 MiB
+            on CUDA (small chunks cost thousands of kernel launches per layer).
         profile (`bool | str`, defaults to `False`): accumulate the time of map / gwpr / mask /
             gather / refill in ``self.timings`` (seconds); ``True``/``"wall"`` = wall clock,
-            ``"cpu"`` = this thread's CPU time (robust on an oversubscribed CPU machine).
+            ``"cpu"`` = this thread's CPU time (robust on an oversubscribed CPU machine),
+            ``"cuda"`` = wall clock after ``torch.cuda.synchronize()`` (GPU; adds syncs).
         seed (`int`): seed of ``selection=random`` (re-seeded at every trajectory's first step).
     """
 
@@ -148,7 +152,7 @@ class ATEDM(RuntimeMethod):
         mmdit_prune_after: list[int] | tuple[int, ...] = (0,),
         mmdit_refill_after: int = -1,
         map_output: str = "auto",
-        map_chunk_mb: float = 2.0,
+        map_chunk_mb: float | None = None,
         profile: bool | str = False,
         seed: int = 0,
         name: str = "at_edm",
@@ -180,8 +184,8 @@ class ATEDM(RuntimeMethod):
             raise ConfigError("method.head_reduce", "rms is for score_source=self.")
         if downsamples is not None and any(int(d) not in (1, 2, 4, 8) for d in downsamples):
             raise ConfigError("method.downsamples", f"got {downsamples}.", (1, 2, 4, 8))
-        if float(map_chunk_mb) <= 0:
-            raise ConfigError("method.map_chunk_mb", "must be > 0.")
+        if map_chunk_mb is not None and float(map_chunk_mb) <= 0:
+            raise ConfigError("method.map_chunk_mb", "must be > 0 (or null = by device).")
         self.prune_ratio = float(prune_ratio)
         self.prune_point = prune_point
         self.prune_after_layers = sorted(set(layers))
@@ -192,14 +196,18 @@ class ATEDM(RuntimeMethod):
         self.dsap = DSAP.from_cfg(dsap if dsap is not None else {})
         self.mmdit_prune_after = [int(i) for i in mmdit_prune_after]
         self.mmdit_refill_after = int(mmdit_refill_after)
-        if profile not in (False, True, "wall", "cpu"):
-            raise ConfigError("method.profile", f"got {profile!r}.", (False, True, "wall", "cpu"))
+        if profile not in PROFILES:
+            raise ConfigError("method.profile", f"got {profile!r}.", PROFILES)
         self.profile = {False: None, True: "wall"}.get(profile, profile)
         self.map_output = map_output
-        self.map_chunk_mb, self.seed = float(map_chunk_mb), int(seed)
+        self.map_chunk_mb = None if map_chunk_mb is None else float(map_chunk_mb)
+        self.seed = int(seed)
         self.name, self.tag = name, tag or f"atedm-r{self.prune_ratio}"
         self.timings: dict[str, float] = {}
         self.resolved_point: str | None = None
+        # On the meta device (FLOPs counting) CFG batches cannot be detected from the latents;
+        # a tool counting a CFG batch sets this so the count matches a real run's.
+        self.meta_cfg_batch = False
 
     @property
     def needs_self_map(self) -> bool:

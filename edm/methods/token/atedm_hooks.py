@@ -36,8 +36,13 @@ class RunState:
     def time(self, name: str):
         if not self.m.profile:
             return contextlib.nullcontext()
-        clock = time.thread_time if self.m.profile == "cpu" else time.perf_counter
+        clock = {"cpu": time.thread_time, "cuda": _cuda_clock}.get(self.m.profile, time.perf_counter)
         return _Timer(self.timings, name, clock)
+
+
+def _cuda_clock() -> float:
+    torch.cuda.synchronize()  # GPU work is asynchronous: time what was queued so far
+    return time.perf_counter()
 
 
 class _Timer:
@@ -81,9 +86,10 @@ class DenoiserHook:
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         half = x.shape[0] // 2
         # diffusers pipelines batch CFG as torch.cat([latents] * 2): equal halves <=> CFG.
-        s.cfg_batch = bool(
-            x.shape[0] % 2 == 0 and x.device.type != "meta" and torch.equal(x[:half], x[half:])
-        )
+        if x.device.type == "meta":  # values unknown: FLOPs tools say what the batch is
+            s.cfg_batch = bool(x.shape[0] % 2 == 0 and s.m.meta_cfg_batch)
+        else:
+            s.cfg_batch = bool(x.shape[0] % 2 == 0 and torch.equal(x[:half], x[half:]))
         if s.tracker.state.step_index == 0 and x.device.type != "meta":
             s.gen = torch.Generator(x.device).manual_seed(s.m.seed)
 
@@ -147,9 +153,12 @@ class LayerHook(ModelHook):
         if k >= n:
             return args, kwargs
         m = self.shared.m
-        self.slot.want_map = m.needs_self_map
+        # CFG with a shared mask: the uncond half's map would be thrown away, so skip it
+        cond_only = m.cfg_shared_mask and self.shared.cfg_batch
+        self.slot.want_map, self.slot.cond_only = m.needs_self_map, cond_only
         if self.cross_slot is not None:
             self.cross_slot.want_map = m.needs_cross_map
+            self.cross_slot.cond_only = cond_only
         if self.point == "after_ffn":
             self.k = k
             return args, kwargs
@@ -206,11 +215,15 @@ class LayerHook(ModelHook):
                 scores = slot.s_rms
             else:
                 scores = K.gwpr(slot.A, 1 if m.selection == "attn_colsum" else m.iters)
+            if scores.shape[0] < b:  # maps of the cond half only (MapSlot.cond_only)
+                scores = torch.cat([scores, scores])
         with s.time("mask"):
             shared = m.cfg_shared_mask and s.cfg_batch
             keep = K.keep_indices(scores, k, cfg_shared=shared)
             if m.assignment == "attention":
-                assign = K.assign_by_attention(slot.A, keep)
+                assign = K.assign_by_attention(slot.A, keep[b - slot.A.shape[0] :])
+                if assign.shape[0] < b:
+                    assign = torch.cat([assign, assign])
             else:
                 assign = K.assign_by_cosine(hidden, keep)
             if shared:

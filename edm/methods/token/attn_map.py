@@ -26,6 +26,8 @@ from edm.errors import UnsupportedFamily
 from edm.methods.token.atedm_kernel import gwpr
 
 HEAD_REDUCE = ("mean", "rms")
+# MiB of one probability chunk by device type (``chunk_mb=None``); meta counts like CPU.
+AUTO_CHUNK_MB = {"cpu": 2.0, "meta": 2.0, "cuda": 256.0}
 
 
 def _chunks(total: int, size: int):
@@ -40,7 +42,7 @@ def attention_with_map(
     n_map: int | None = None,
     head_reduce: str = "mean",
     iters: int = 5,
-    chunk_mb: float = 2.0,
+    chunk_mb: float | None = None,
     need_out: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``softmax(q k^T / sqrt(d)) v`` plus the head-aggregated attention map, in one pass.
@@ -58,8 +60,10 @@ def attention_with_map(
         head_reduce: ``mean`` (map = head mean) or ``rms`` (also per-head WPR scores
             aggregated by root-mean-square over heads, returned as the third value).
         iters: WPR iterations of the per-head scores (``rms`` only).
-        chunk_mb: size of one probability chunk in MiB (float32 elements); 1-2 MiB is fastest
-            on CPU (cache-resident), larger chunks only cost memory bandwidth.
+        chunk_mb: size of one probability chunk in MiB (float32 elements); ``None`` = by device
+            (:data:`AUTO_CHUNK_MB`): 1-2 MiB is fastest on CPU (cache-resident), larger chunks
+            only cost memory bandwidth there; on a GPU small chunks mean thousands of kernel
+            launches per layer, so chunks are large.
         need_out: ``False`` = the map only (``out`` is ``None``), for callers that need the
             output of a few rows only (:func:`kept_rows_output`).
 
@@ -81,6 +85,8 @@ def attention_with_map(
     )
     # Chunk [bc, hc, qc, Nk]: small enough to stay in cache (measured on CPU: ~1-2 MiB chunks
     # are ~2x faster than 32 MiB ones, the QK^T product being bound by writing the scores).
+    if chunk_mb is None:
+        chunk_mb = AUTO_CHUNK_MB.get(q.device.type, AUTO_CHUNK_MB["cpu"])
     budget = max(1, int(chunk_mb * 2**20 / 4))
     per_head = nq * nk
     if head_reduce == "rms" or per_head <= budget:
@@ -112,6 +118,19 @@ def attention_with_map(
     return out, A, s_rms
 
 
+def _attention_with_map_cfg(slot, q, k, v, **kw):
+    """:func:`attention_with_map` on the rows the slot wants mapped (``slot.cond_only``: the
+    cond half of a CFG batch), fused SDPA for the others; ``A``/``s_rms`` cover mapped rows."""
+    if not slot.cond_only:
+        return attention_with_map(q, k, v, **kw)
+    half = q.shape[0] // 2
+    out_c, A, s_rms = attention_with_map(q[half:], k[half:], v[half:], **kw)
+    if out_c is None:
+        return None, A, s_rms
+    out_u = F.scaled_dot_product_attention(q[:half], k[:half], v[:half])
+    return torch.cat([out_u.to(out_c.dtype), out_c], 0), A, s_rms
+
+
 @dataclass
 class MapSlot:
     """Per-layer mailbox between an attention processor and the hooks around its layer.
@@ -126,6 +145,10 @@ class MapSlot:
             layer then runs on the kept ones and receives the kept rows of that output).
         defer_output: the mapped call computes the map only and returns ``None``, leaving its
             projected ``(attn, q, k, v)`` in ``pending`` for :func:`kept_rows_output`.
+        cond_only: the batch is an ``[uncond, cond]`` CFG batch whose mask comes from the cond
+            half (set per call by the hook): the map (and its ``P V``) is computed for the cond
+            half only, ``A`` then has ``B/2`` rows, and the uncond half's output comes from
+            fused SDPA. Its map would be discarded, so this halves the map's cost.
         timer: optional callable ``timer(name)`` returning a context manager (overhead
             breakdown); ``None`` = no timing.
     """
@@ -133,16 +156,17 @@ class MapSlot:
     want_map: bool = False
     head_reduce: str = "mean"
     iters: int = 5
-    chunk_mb: float = 2.0
+    chunk_mb: float | None = None
     A: torch.Tensor | None = None
     s_rms: torch.Tensor | None = None
     replay: torch.Tensor | None = None
     defer_output: bool = False
+    cond_only: bool = False
     pending: tuple | None = None
     timer: Any = None
 
     def clear(self) -> None:
-        self.want_map = False
+        self.want_map = self.cond_only = False
         self.A = self.s_rms = self.replay = self.pending = None
 
 
@@ -214,7 +238,8 @@ class MapSelfAttnProcessor:
             q = attn.norm_q(q)
         if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
-        out, slot.A, slot.s_rms = attention_with_map(
+        out, slot.A, slot.s_rms = _attention_with_map_cfg(
+            slot,
             q,
             k,
             v,
@@ -292,7 +317,8 @@ class MapJointAttnProcessor:
         if attn.norm_added_k is not None:
             ck = attn.norm_added_k(ck)
         q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        out, slot.A, slot.s_rms = attention_with_map(
+        out, slot.A, slot.s_rms = _attention_with_map_cfg(
+            slot,
             q,
             k,
             v,
