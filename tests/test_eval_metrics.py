@@ -53,6 +53,18 @@ def write_images(folder, arrays):
 
 
 # ---------------------------------------------------------------------------------------- FID
+def test_frechet_distance_equals_clean_fid():
+    """Our formula (no scipy ``disp`` argument) gives clean-fid's value, singular case too."""
+    cleanfid = pytest.importorskip("cleanfid.fid")
+    from edm.eval.frechet import frechet_distance
+
+    rng = np.random.default_rng(0)
+    for n, d in ((500, 16), (8, 16)):  # (8, 16): rank-deficient covariances
+        a, b = rng.normal(size=(n, d)), rng.normal(0.3, 1.2, size=(n, d))
+        args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+        assert frechet_distance(*args) == pytest.approx(cleanfid.frechet_distance(*args), rel=1e-6)
+
+
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     from edm.eval.fid import frechet_distance
 

@@ -28,27 +28,11 @@ import torch.nn.functional as F
 
 from edm.errors import MissingWeightsError
 from edm.eval.base import ImageSet, PromptItem
+from edm.eval.frechet import frechet_distance
 
 log = logging.getLogger(__name__)
 
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """FID formula ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` in float64.
-
-    Args: means ``[D]`` and covariances ``[D, D]`` of the two feature sets.
-    """
-    from scipy import linalg
-
-    diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        # Singular product (few samples in high dimension): regularise as pytorch-fid does.
-        eps = np.eye(len(mu1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = covmean.real  # imaginary parts are numerical noise
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def feature_stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

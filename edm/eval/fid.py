@@ -11,7 +11,8 @@ Protocol (kept fixed so numbers are comparable across methods and runs):
   the same feature path as generated images. Built once by ``python -m edm.eval.precompute``.
 * Generated images stream from disk (``ImageSet``, e.g. the union of all shards); images whose size
   differs from ``resolution`` get the same crop/resize as the references.
-* Distance: clean-fid's public ``frechet_distance`` on float64 moments.
+* Distance: :func:`edm.eval.frechet.frechet_distance` (clean-fid's formula, tested equal to it)
+  on float64 moments.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from PIL import Image
 
 from edm.errors import ConfigError, MissingWeightsError
 from edm.eval.base import ImageSet
+from edm.eval.frechet import frechet_distance
 from edm.eval.weights import require_file
 
 log = logging.getLogger(__name__)
@@ -63,22 +65,6 @@ class Reference:
                 f"'{name}' must look like <dataset>_<split><resolution>, e.g. coco2014_val512.",
             )
         return cls(name, m["dataset"], m["split"], int(m["res"]), m["year"])
-
-
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
-) -> float:
-    """||mu1-mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½), via clean-fid's public implementation."""
-    from cleanfid.fid import frechet_distance as _fd
-
-    return float(
-        _fd(
-            np.asarray(mu1, np.float64),
-            np.asarray(sigma1, np.float64),
-            np.asarray(mu2, np.float64),
-            np.asarray(sigma2, np.float64),
-        )
-    )
 
 
 class RunningMoments:
