@@ -199,6 +199,15 @@ def test_masks_exact_counts():
     s = torch.randn(10, 40)
     assert int(global_mask(s, 0.3).sum()) == int(400 * 0.3)
     assert bool((row_mask(s, 0.25).sum(1) == 10).all())
+    # cols * sparsity fractional (16 * 0.3 = 4.8): the layer still prunes int(numel * 0.3),
+    # rows prune 4 or 5 and every row prunes its lowest scores
+    s16 = torch.randn(32, 16)
+    m16 = row_mask(s16, 0.3)
+    assert int(m16.sum()) == int(32 * 16 * 0.3)
+    assert set(m16.sum(1).tolist()) == {4, 5}
+    kept_min = s16.masked_fill(m16, float("inf")).min(1).values
+    pruned_max = s16.masked_fill(~m16, float("-inf")).max(1).values
+    assert bool((pruned_max <= kept_min).all())
     m = nm_mask(s, 2, 4)
     assert bool((m.reshape(10, 10, 4).sum(-1) == 2).all())
     # lowest scores are the pruned ones inside each group

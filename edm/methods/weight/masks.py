@@ -55,9 +55,29 @@ def global_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune the ``int(cols * sparsity)`` lowest scores of every row of ``score [rows, cols]``
-    (Wanda's comparison group: each output neuron loses the same number of inputs)."""
-    return _lowest_k(score, int(score.shape[1] * sparsity), 1)
+    """Prune the lowest scores of every row of ``score [rows, cols]`` (Wanda's comparison group:
+    each output neuron loses the same number of inputs, ``int(cols * sparsity)``).
+
+    When ``cols * sparsity`` is not an integer, Wanda's per-row ``int()`` undershoots the target
+    (measured on the digits model's 16-64-column layers: 0.281 at a 0.3 target), which would
+    compare methods at unequal sparsity. So the layer prunes ``int(numel * sparsity)`` weights,
+    as the other methods do: every row its ``int(cols * sparsity)`` and the remainder goes, one
+    weight each, to the rows whose next candidate has the lowest score. Identical to Wanda's
+    reference whenever ``cols * sparsity`` is an integer.
+    """
+    rows, cols = score.shape
+    base = int(cols * sparsity)
+    extra = min(int(score.numel() * sparsity) - base * rows, rows) if base < cols else 0
+    if extra <= 0:
+        return _lowest_k(score, base, 1)
+    order = torch.sort(score, dim=1, stable=True)
+    nxt = order.values[:, base]  # each row's next candidate
+    lucky = torch.sort(nxt, stable=True).indices[:extra]
+    counts = torch.full((rows,), base, dtype=torch.long, device=score.device)
+    counts[lucky] += 1
+    take = torch.arange(cols, device=score.device).unsqueeze(0) < counts.unsqueeze(1)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter_(1, order.indices, take)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
