@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from edm import perf
 from edm.data.prompts import assign_seeds, shard
 from edm.errors import MissingWeightsError
-from edm.eval.base import ImageSet, image_path
+from edm.eval.base import ImageSet
 from edm.generate import generate, time_batches
 from edm.io import write_json, write_text
 from edm.methods.base import ApplyContext, Method, MethodReport
@@ -124,6 +124,15 @@ def _provenance(cfg: DictConfig) -> dict:
     return {"choices": choices, "overrides": overrides, "config": flat}
 
 
+def tracker_config(cfg: DictConfig) -> dict:
+    """The config a tracker run gets: the resolved config plus ``provenance`` (group choices and
+    CLI overrides), which the config alone lacks (``method=tome_c`` resolves to
+    ``method.name=tome``) and experiments/tables.py needs to match W&B runs to paper rows."""
+    prov = _provenance(cfg)
+    return {**OmegaConf.to_container(cfg, resolve=True),
+            "provenance": {k: prov[k] for k in ("choices", "overrides")}}
+
+
 def _load_apply_generate(cfg, method, loader, items, gen, images_dir, device, dtype, calib,
                          out_dir, metrics) -> MethodReport:
     """Steps 2-3 of the run: load, apply the method, generate; fills ``metrics`` in place."""
@@ -205,7 +214,7 @@ def run(cfg: DictConfig) -> float:
     metrics: dict[str, float] = {}
     try:
         if logger is not None:
-            logger.start(OmegaConf.to_container(cfg, resolve=True), out_dir, job_type=method.kind)
+            logger.start(tracker_config(cfg), out_dir, job_type=method.kind)
 
         report = None
         if gen["enabled"]:
