@@ -31,11 +31,12 @@ from tables import load_results, render_sweep, value_of
 RESULTS = HERE / "results"
 RUNS = RESULTS / "digits_runs"
 MARK = "<!-- discussion -->"
-WEIGHT = ("digits_weight_quality", "digits_weight_nm", "digits_weight_structured")
+WEIGHT = ("digits_weight_quality", "digits_weight_nm", "digits_weight_structured",
+          "digits_diff_pruning")
 TOKEN = ("digits_token_quality", "digits_token_tome")
 METHODS = ("magnitude", "wanda", "sparsegpt", "obs_diff")
 # ToMe ratio -> the AT-EDM prune_ratio whose FLOPs it matches (conf/experiment/digits_token_tome.yaml)
-TOME_MATCH = {0.1: 0.3, 0.15: 0.4, 0.2: 0.5, 0.25: 0.6, 0.3: 0.7}
+TOME_MATCH = {0.17: 0.3, 0.27: 0.4, 0.39: 0.5, 0.53: 0.6, 0.73: 0.7}
 
 
 def experiment_of(rec: dict) -> str | None:
@@ -127,10 +128,21 @@ def _dense(by_exp) -> dict | None:
     return hits[-1] if hits else None
 
 
+def _structured(by_exp) -> list[dict]:
+    """Structured runs (L1, structured OBS-Diff) plus Diff-Pruning labelled by its fine-tuning."""
+    out = list(by_exp.get("digits_weight_structured", []))
+    for r in by_exp.get("digits_diff_pruning", []):
+        ft = int(float(value_of(r, "method.finetune_steps") or 0))
+        out.append({"metrics": r["metrics"], "run": {
+            "overrides": [f"method=diff_pruning ft{ft}", f"sparsity={value_of(r, 'sparsity')}"],
+            "num_items": r["run"]["num_items"]}})
+    return out
+
+
 def weight_md(by_exp, plot_path: Path) -> str:
     uns = by_exp.get("digits_weight_quality", [])
     nm = [r for r in by_exp.get("digits_weight_nm", []) if value_of(r, "method") != "none"]
-    st = by_exp.get("digits_weight_structured", [])
+    st = _structured(by_exp)
     dense = _dense(by_exp)
     lines = _header("Weight pruning on the embedded digits model", WEIGHT, uns + nm + st)
     if dense:
@@ -153,7 +165,10 @@ def weight_md(by_exp, plot_path: Path) -> str:
         m = r["metrics"]
         lines.append(f"| {value_of(r, 'method')} | {_f(m.get('eval/digit_fid'))} | "
                      f"{_f(m.get('eval/prompt_acc'))} | {_f(m.get('method/sparsity'))} |")
-    lines += ["", "## Structured (heads + FFN neurons, physically sliced)", ""]
+    lines += ["", "## Structured (heads + FFN neurons / channels, physically sliced)", "",
+              ("Columns: target `sparsity` (L1 / structured OBS-Diff: fraction of heads and FFN "
+               "neurons; Diff-Pruning: torch-pruning channel ratio, which removes far more "
+               "parameters on this small model: compare at equal parameters, table 3)."), ""]
     if st:
         for key, what in (("eval/digit_fid", "digit FID"), ("eval/prompt_acc", "prompt accuracy"),
                           ("perf/params_m", "UNet parameters after slicing (M)"),
@@ -185,9 +200,10 @@ def weight_plot(by_exp, path: Path) -> None:
         if key == "eval/digit_fid":
             ax.set_yscale("log")
     ax = axes[2]
-    for meth in ("l1", "obs_diff_structured"):
+    st = _structured(by_exp)
+    for meth in sorted({value_of(r, "method") for r in st}):
         pts = sorted((r["metrics"]["perf/params_m"], r["metrics"].get("eval/digit_fid"))
-                     for r in by_exp.get("digits_weight_structured", []) if value_of(r, "method") == meth)
+                     for r in st if value_of(r, "method") == meth)
         if pts:
             ax.plot(*zip(*pts), marker="s", label=meth)
     if dense:
@@ -239,7 +255,7 @@ def token_md(by_exp, plot_path: Path) -> str:
                   f"{_f(m.get('eval/digit_fid'))}, prompt accuracy {_f(m.get('eval/prompt_acc'))}, "
                   f"{_f(m.get('perf/gflops_per_step'), '{:.4f}')} GFLOPs/step."), ""]
     lines += [("Columns: AT-EDM `method.prune_ratio` (keep ratio = 1 - column). ToMe rows sit in the "
-              "column whose AT-EDM-with-DSAP FLOPs they match (ToMe ratio 0.10/0.15/0.20/0.25/0.30 "
+              "column whose AT-EDM-with-DSAP FLOPs they match (ToMe ratio 0.17/0.27/0.39/0.53/0.73 "
               "-> 0.3/0.4/0.5/0.6/0.7); the GFLOPs table shows the measured value of every run."), ""]
     if recs:
         for key, what in (("eval/digit_fid", "digit FID (lower is better)"),
@@ -259,7 +275,7 @@ def token_plot(by_exp, path: Path) -> None:
 
     recs = _token_records(by_exp)
     dense = _dense(by_exp)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, key in zip(axes, ("eval/digit_fid", "eval/prompt_acc")):
         for var in sorted({value_of(r, "variant") for r in recs}):
             pts = sorted((r["metrics"]["perf/gflops_per_step"], r["metrics"].get(key))
@@ -270,9 +286,12 @@ def token_plot(by_exp, path: Path) -> None:
                     ms=10, label="dense")
         ax.set_xlabel("GFLOPs per step (measured)")
         ax.set_ylabel(key)
+        if key == "eval/digit_fid":
+            ax.set_yscale("log")  # 1 (dense) to ~80 (collapsed refill)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
