@@ -103,12 +103,9 @@ class ATEDM(RuntimeMethod):
             ``attention`` = the kept key it attended to most, from the pruning map (spec §1.5);
             ``cosine`` = most cosine-similar kept hidden state (the layer output for
             ``after_ffn``; for ``after_self_attn`` the residual after self-attention, or the
-            layer input with ``map_output=kept_fused``). Measured on the digits model
-            (two checkpoints; 4 prompts, 10 steps, mean |image - dense|): attention 0.03-0.05 /
-            0.07-0.09 / 0.24 vs cosine 0.007-0.008 / 0.016-0.018 / 0.07-0.08 at prune_ratio
-            0.02 / 0.05 / 0.3; the argmax collapses
-            onto a few attention-sink tokens (at 16x16 and ratio 0.3, 77 pruned tokens copy ~10
-            distinct kept ones), so prefer ``cosine`` where maps are flat.
+            layer input with ``map_output=kept_fused``). Where maps are flat (the digits
+            model) the argmax is arbitrary and quality drops to chance at 30 % pruning, while
+            ``cosine`` holds (experiments/results/digits_token_quality.md): prefer it there.
         cfg_shared_mask (`bool`, defaults to `True`): on a classifier-free-guidance batch
             (detected by equal latent halves, which is how diffusers batches CFG), the keep set
             and refill sources come from the conditional half and are shared by the
