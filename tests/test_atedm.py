@@ -298,6 +298,11 @@ def test_map_output_reuse_and_kept_fused_agree(pipes):
     assert torch.allclose(outs["reuse"], outs["kept_fused"], atol=1e-4)
     with pytest.raises(ConfigError):
         ATEDM(map_output="kept_fused").apply(pipes["sdxl"], ApplyContext(family="sdxl"))
+    # auto: kept rows only with the attention refill; cosine needs every post-attention state
+    for assignment, expected in (("attention", "kept_fused"), ("cosine", "reuse")):
+        m = ATEDM(prune_ratio=0.5, assignment=assignment)
+        assert m.apply(pipe, ApplyContext(family="sd15")).details["map_output"] == expected
+        m.remove(pipe)
 
 
 def test_small_ratio_is_near_dense_on_the_shipped_digits_model():

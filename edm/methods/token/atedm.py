@@ -103,7 +103,8 @@ class ATEDM(RuntimeMethod):
             ``attention`` = the kept key it attended to most, from the pruning map (spec §1.5);
             ``cosine`` = most cosine-similar kept hidden state (the layer output for
             ``after_ffn``; for ``after_self_attn`` the residual after self-attention, or the
-            layer input with ``map_output=kept_fused``). Where maps are flat (the digits
+            layer input with an explicit ``map_output=kept_fused``, measured worse: digits
+            FID 13.2 vs 9.1 at ratio 0.7). Where maps are flat (the digits
             model) the argmax is arbitrary and quality drops to chance at 30 % pruning, while
             ``cosine`` holds (experiments/results/digits_token_quality.md): prefer it there.
         cfg_shared_mask (`bool`, defaults to `True`): on a classifier-free-guidance batch
@@ -122,7 +123,8 @@ class ATEDM(RuntimeMethod):
             the output of the *kept* rows, the only ones used afterwards, comes from fused SDPA
             on the kept queries; measured on CPU (SD1.5 64x64 level, CPU time): SDPA 0.64 s,
             map + ``P V`` 1.12 s, map alone 0.62 s + kept-row SDPA 0.23 s. ``auto``:
-            ``kept_fused`` for ``after_self_attn``, ``reuse`` otherwise.
+            ``kept_fused`` for ``after_self_attn`` with the attention refill, ``reuse``
+            otherwise (the cosine refill compares every token's post-attention state).
         map_chunk_mb (`float | None`, defaults to `None`): memory of one attention-probability
             chunk; ``None`` = by device: 2 MiB on CPU (stays in cache: fastest there), 256 MiB
             on CUDA (small chunks cost thousands of kernel launches per layer).
@@ -267,7 +269,8 @@ class ATEDM(RuntimeMethod):
     def _resolved_map_output(self, point: str) -> str:
         if self.map_output != "auto":
             return self.map_output
-        return "kept_fused" if point == "after_self_attn" else "reuse"
+        fused = point == "after_self_attn" and self.assignment == "attention"
+        return "kept_fused" if fused else "reuse"
 
     def _map_slot(self, shared: RunState, defer: bool = False) -> MapSlot:
         timer = shared.time if self.profile else None
