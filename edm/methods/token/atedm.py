@@ -329,16 +329,8 @@ class ATEDM(RuntimeMethod):
                             lay.attn2, MapSelfAttnProcessor(cross, lay.attn2.get_processor())
                         )
                     layers.append(lname)
-                hook = LayerHook(
-                    shared,
-                    block,
-                    lay,
-                    slot,
-                    cross,
-                    point if prunes else None,
-                    refills,
-                    mmdit=False,
-                )
+                at = point if prunes else None
+                hook = LayerHook(shared, block, lay, slot, cross, at, refills, mmdit=False)
                 patcher.register_hook(lay, hook, _EDM_ATEDM_HOOK)
             if linear_out:
                 patcher.register_hook(
@@ -370,16 +362,8 @@ class ATEDM(RuntimeMethod):
                 attn = info.module.attn
                 patcher.set_processor(attn, MapJointAttnProcessor(slot, attn.get_processor()))
                 layers.append(info.name)
-            hook = LayerHook(
-                shared,
-                block,
-                info.module,
-                slot,
-                None,
-                "after_ffn" if i in points else None,
-                i == refill,
-                mmdit=True,
-            )
+            at = "after_ffn" if i in points else None
+            hook = LayerHook(shared, block, info.module, slot, None, at, i == refill, mmdit=True)
             patcher.register_hook(info.module, hook, _EDM_ATEDM_HOOK)
         patcher.register_hook(denoiser, BlockHook(shared, block), _EDM_ATEDM_HOOK)
         return layers, [

@@ -36,13 +36,15 @@ class RunState:
     def time(self, name: str):
         if not self.m.profile:
             return contextlib.nullcontext()
-        clock = {"cpu": time.thread_time, "cuda": _cuda_clock}.get(self.m.profile, time.perf_counter)
-        return _Timer(self.timings, name, clock)
+        return _Timer(self.timings, name, _CLOCKS.get(self.m.profile, time.perf_counter))
 
 
 def _cuda_clock() -> float:
     torch.cuda.synchronize()  # GPU work is asynchronous: time what was queued so far
     return time.perf_counter()
+
+
+_CLOCKS = {"cpu": time.thread_time, "cuda": _cuda_clock}  # method.profile -> clock
 
 
 class _Timer:
@@ -215,15 +217,12 @@ class LayerHook(ModelHook):
                 scores = slot.s_rms
             else:
                 scores = K.gwpr(slot.A, 1 if m.selection == "attn_colsum" else m.iters)
-            if scores.shape[0] < b:  # maps of the cond half only (MapSlot.cond_only)
-                scores = torch.cat([scores, scores])
+            scores = _both_halves(scores, b)
         with s.time("mask"):
             shared = m.cfg_shared_mask and s.cfg_batch
             keep = K.keep_indices(scores, k, cfg_shared=shared)
             if m.assignment == "attention":
-                assign = K.assign_by_attention(slot.A, keep[b - slot.A.shape[0] :])
-                if assign.shape[0] < b:
-                    assign = torch.cat([assign, assign])
+                assign = _both_halves(K.assign_by_attention(slot.A, keep[b - len(slot.A) :]), b)
             else:
                 assign = K.assign_by_cosine(hidden, keep)
             if shared:
@@ -233,6 +232,12 @@ class LayerHook(ModelHook):
         if self.cross_slot is not None:
             self.cross_slot.clear()
         return keep, src
+
+
+def _both_halves(t: torch.Tensor, b: int) -> torch.Tensor:
+    """A result computed from the cond half's map only (``MapSlot.cond_only``) for a batch of
+    ``b``: the shared CFG mask uses the cond half for both halves, so it is repeated."""
+    return t if t.shape[0] == b else torch.cat([t, t])
 
 
 def _refill(shared: RunState, block: BlockState, hidden: torch.Tensor) -> torch.Tensor:
