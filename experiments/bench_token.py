@@ -40,6 +40,7 @@ import torch
 from edm.eval.flops import meta_denoiser_flops
 from edm.methods.base import ApplyContext
 from edm.methods.token.atedm import ATEDM
+from edm.methods.token.atedm_hooks import cuda_clock
 from edm.models import archs
 
 NO_DSAP = {"enabled": False}  # one call = a late denoising step
@@ -90,8 +91,7 @@ class Bench:
 
 
 def _profile(bench: Bench) -> str | bool:
-    # CPU: per-phase thread time. GPU: no per-phase timing, whose syncs would stall the launch
-    # queue and slow the very call being timed (use experiments/profile_token.py there).
+    # GPU: no per-phase timers, their syncs would slow the timed call (see profile_token.py)
     return False if bench.device == "cuda" else "cpu"
 
 
@@ -198,11 +198,6 @@ def _to(x, dev: str):
     return x.to(dev) if torch.is_tensor(x) else x
 
 
-def _cuda_clock() -> float:
-    torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 def _sdpa_timers(denoiser, layer_names: list[str], acc: dict[str, float], clock=time.thread_time):
     """Forward pre/post hooks adding the fused attn1 time of each layer to ``acc[name]``."""
     modules = dict(denoiser.named_modules())
@@ -226,7 +221,7 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
     dev = args.device
     bench = Bench(arch, args.size, args.batch, dtype, dev)
     # CPU: this thread's CPU time (robust to other load); GPU: wall clock after a sync
-    clock = _cuda_clock if dev == "cuda" else time.thread_time
+    clock = cuda_clock if dev == "cuda" else time.thread_time
     methods, flops = {}, {}
     for row in rows:
         methods[row] = ROWS[row](bench)
@@ -274,16 +269,10 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
                 h.remove()
             if m is not None:
                 m.remove(pipe)
-            print(
-                f"[{arch}] round {rnd} {row}: wall {wall[row][-1]:.2f} s, "
-                f"cpu {cpu[row][-1]:.2f} s",
-                flush=True,
-            )
-    where = (
-        f"{torch.cuda.get_device_name()}, synchronized wall clock in both time columns"
-        if dev == "cuda"
-        else f"{args.threads} thread(s)"
-    )
+            print(f"[{arch}] round {rnd} {row}: {wall[row][-1]:.2f} s wall", flush=True)
+    where = f"{args.threads} thread(s)"
+    if dev == "cuda":
+        where = f"{torch.cuda.get_device_name()}, synchronized wall clock in both time columns"
     lines = [
         (
             f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, {where}, "

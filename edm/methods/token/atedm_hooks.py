@@ -39,12 +39,12 @@ class RunState:
         return _Timer(self.timings, name, _CLOCKS.get(self.m.profile, time.perf_counter))
 
 
-def _cuda_clock() -> float:
+def cuda_clock() -> float:
     torch.cuda.synchronize()  # GPU work is asynchronous: time what was queued so far
     return time.perf_counter()
 
 
-_CLOCKS = {"cpu": time.thread_time, "cuda": _cuda_clock}  # method.profile -> clock
+_CLOCKS = {"cpu": time.thread_time, "cuda": cuda_clock}  # method.profile -> clock
 
 
 class _Timer:
