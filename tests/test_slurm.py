@@ -121,11 +121,18 @@ def test_slurm_params_reach_submitit(conf_dir, tmp_path):
     (_fn, overrides, *_rest), _ = auto.return_value.map_array.call_args
     assert [list(o) for o in overrides] == [["seed=0"], ["seed=1"]]
 
-    # submitit's real executor accepts exactly these names (it raises on unknown ones).
+    # submitit's real executor accepts exactly these names (it raises on unknown ones and
+    # renders the sbatch script to check values). Only its "is srun on PATH?" probe is faked, so
+    # this runs on a machine that has never seen SLURM (a new user's laptop, CI before the
+    # local cluster starts).
     import submitit
+    from submitit.slurm.slurm import SlurmExecutor
 
-    real = submitit.AutoExecutor(**{**init, "folder": str(tmp_path / "real" / "%j")})
-    real.update_parameters(**params)
+    with patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 2)):
+        real = submitit.AutoExecutor(**{**init, "folder": str(tmp_path / "real" / "%j")})
+        real.update_parameters(**params)
+        with pytest.raises(NameError, match="Unknown argument .not_a_submitit_name."):
+            real.update_parameters(slurm_not_a_submitit_name=1)
 
 
 def test_gpu_example_uses_gpu_partition(conf_dir, tmp_path):
