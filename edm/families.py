@@ -24,6 +24,20 @@ from edm.errors import UnsupportedFamily
 FAMILIES = ("digits", "sd15", "sd21", "sdxl", "sd3")
 ARCH = {"digits": "unet", "sd15": "unet", "sd21": "unet", "sdxl": "unet", "sd3": "mmdit"}
 
+# Schedulers a family's pipeline can run (``model.loader.scheduler``). UNet families are
+# epsilon/v-prediction models: any of diffusers' ``KarrasDiffusionSchedulers`` (the set their
+# pipelines declare compatible). MMDiTs are rectified-flow models: only flow-matching samplers
+# (an epsilon sampler runs without error and produces noise). ``digits`` has no scheduler knob.
+SCHEDULERS = {
+    "unet": ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+             "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+             "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+             "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+             "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler",
+             "EDMEulerScheduler"),
+    "mmdit": ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"),
+}
+
 # Target groups a weight method may select (``method.targets``).
 TARGET_GROUPS = ("attn", "ff", "context")
 

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from edm.errors import ConfigError
-from edm.families import FAMILIES
+from edm.families import ARCH, FAMILIES, SCHEDULERS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -61,3 +61,46 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("threads", f"must be a positive integer or null, got {cfg.threads!r}.")
     resolve_dtype(cfg.model.dtype, torch.device("cuda"))
     resolve_device(cfg.device)
+    validate_model_limits(cfg)
+
+
+GUIDANCE = ("cfg", "distilled", "none")
+
+
+def validate_model_limits(cfg: DictConfig) -> None:
+    """``gen.*`` and ``model.loader.scheduler`` against what this model can do (``model.limits``).
+
+    The pipelines themselves reject most of these, but only after the weights are loaded (minutes
+    for SDXL, after queueing on a cluster), and some not at all: an epsilon sampler on a
+    rectified-flow model runs and returns noise.
+    """
+    name, lim = cfg.model.name, cfg.model.get("limits")
+    if lim is None:
+        raise ConfigError("model.limits", f"model={name} declares no limits (size_multiple, "
+                          "sizes, guidance); every conf/model/*.yaml must.")
+    h, w = cfg.gen.height, cfg.gen.width
+    sizes = [list(x) for x in lim.get("sizes") or []]
+    if sizes and [h, w] not in sizes:
+        raise ConfigError("gen.height", f"model={name} makes only these (height, width): "
+                          f"got ({h}, {w}); gen.width must match too.", [tuple(x) for x in sizes])
+    m = int(lim.get("size_multiple") or 1)
+    for key, val in (("height", h), ("width", w)):
+        if val % m:
+            lo = max(m, val - val % m)
+            raise ConfigError(f"gen.{key}", f"model={name} needs a multiple of {m} (its latent "
+                              f"grid), got {val}; nearest: {lo} or {lo + m}.")
+    mode = lim.get("guidance", "cfg")
+    if mode not in GUIDANCE:
+        raise ConfigError("model.limits.guidance", f"unknown guidance mode {mode!r}.", GUIDANCE)
+    if mode == "none" and cfg.gen.guidance_scale not in (0, 0.0):
+        raise ConfigError("gen.guidance_scale", f"model={name} is guidance-distilled and takes "
+                          f"no guidance; got {cfg.gen.guidance_scale}.", [0])
+    if mode != "cfg" and cfg.gen.get("negative_prompt"):
+        raise ConfigError("gen.negative_prompt", f"model={name} runs without classifier-free "
+                          "guidance, so a negative prompt would be ignored.", [None])
+    sched = cfg.model.loader.get("scheduler")
+    if sched is not None:
+        allowed = SCHEDULERS.get(ARCH[cfg.model.family], ())
+        if sched not in allowed:
+            raise ConfigError("model.loader.scheduler", f"family {cfg.model.family!r} cannot "
+                              f"sample with {sched!r}.", allowed)

@@ -9,6 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
+from edm.validate import validate
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["model", "method", "data", "calib", "eval", "logger"]
 
@@ -57,3 +59,4 @@ def test_experiment_sweep_points_compose(experiment):
         overrides = [f"experiment={experiment}"] + [f"{k}={v}" for k, v in zip(keys, point)]
         job = _compose(overrides)
         instantiate(job.method)  # every sweep point builds its method (constructor validation)
+        validate(job)  # and passes the pre-load checks (model limits included)
