@@ -125,6 +125,31 @@ def row_records(spec: dict, results: list[dict]) -> list[tuple[dict, dict | None
     return out
 
 
+def _protocol_text(p: dict | None) -> str:
+    if not p:
+        return "not recorded (run made before metrics.json recorded it)"
+    sched = p.get("scheduler") or "model default"
+    return (f"{p['num_inference_steps']} steps, CFG {p['guidance_scale']:g}, "
+            f"{p['height']}x{p['width']}, {sched}")
+
+
+def protocol_lines(spec: dict, pairs: list[tuple[dict, dict | None]]) -> list[str]:
+    """The paper's generation protocol and the one(s) our rows were generated with."""
+    ours: dict[str, list[str]] = {}
+    for row, rec in pairs:
+        if rec is not None:
+            ours.setdefault(_protocol_text(rec.get("run", {}).get("protocol")), []).append(row["label"])
+    lines = [f"Generation protocol: paper {spec.get('protocol', 'not stated')}; "]
+    if not ours:
+        lines[0] += "ours: no rows run yet."
+    elif len(ours) == 1:
+        lines[0] += f"ours {next(iter(ours))} (every row)."
+    else:
+        lines[0] += "**ours differ between rows**:"
+        lines += [f"- {text}: {', '.join(labels)}" for text, labels in ours.items()]
+    return lines
+
+
 def render(name: str, spec: dict, results: list[dict], image: str | None = None) -> str:
     metrics = spec["metrics"]
     head = ["row"] + [f"{m} paper | {m} ours | Δ" for m in metrics]
@@ -141,7 +166,8 @@ def render(name: str, spec: dict, results: list[dict], image: str | None = None)
         lines.append("| " + " | ".join(cells) + " |")
     ran = sum(rec is not None for _, rec in pairs)
     lines += ["", (f"{ran}/{len(spec['rows'])} rows have results. Reproduce: "
-                   f"`python run.py experiment={spec.get('experiment', name)}`.")]
+                   f"`python run.py experiment={spec.get('experiment', name)}`."), ""]
+    lines += protocol_lines(spec, pairs)
     if image:
         lines += ["", f"![{name}: paper dashed/hollow, ours solid/filled]({image})"]
     return "\n".join(lines) + "\n"

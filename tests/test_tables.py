@@ -158,3 +158,40 @@ def test_wandb_run_fills_the_same_row_as_its_metrics_json(compose_cfg, overrides
     (old,) = tables.load_wandb("e/p", api=FakeApi([FakeRun(legacy, summary, "u")]))
     hit = [r["label"] for r in spec["rows"] if tables.matches(old, r["match"], exp)]
     assert hit == ([] if label == "ToMe-c" else [label])
+
+
+def test_rendered_tables_print_the_paper_and_our_protocol():
+    spec = SPECS["obsdiff_table1_sd21"]
+    assert "PNDM" in spec["protocol"] and all("protocol" in s for s in SPECS.values())
+    prot = {"num_inference_steps": 25, "guidance_scale": 7.0, "height": 512, "width": 512,
+            "scheduler": "PNDMScheduler"}
+    dense = _rec("obsdiff_table1_sd21", "none", {"eval/fid": 30.0})
+    wanda = _rec("obsdiff_table1_sd21", "wanda", {"eval/fid": 40.0}, sparsity=0.4)
+    dense["run"]["protocol"] = wanda["run"]["protocol"] = prot
+    text = tables.render("obsdiff_table1_sd21", spec, [dense, wanda])
+    assert "paper 25 steps, CFG 7.0, 512x512, PNDM" in text
+    assert "ours 25 steps, CFG 7, 512x512, PNDMScheduler (every row)" in text
+    wanda["run"]["protocol"] = {**prot, "num_inference_steps": 50, "scheduler": "EulerDiscreteScheduler"}
+    text = tables.render("obsdiff_table1_sd21", spec, [dense, wanda])
+    assert "**ours differ between rows**" in text
+    assert "- 50 steps, CFG 7, 512x512, EulerDiscreteScheduler: Wanda 40%" in text
+
+
+def test_experiment_generates_at_the_paper_protocol():
+    """The obsdiff_* experiments choose protocol=obsdiff: 25 steps, CFG 7, 512², PNDM on SD2.1."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    for exp, sched in (("obsdiff_table1_sd21", "PNDMScheduler"),
+                       ("obsdiff_table1_sd35_large", None),
+                       ("obsdiff_table3_sdxl_structured", None)):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("config", overrides=[f"experiment={exp}"])
+        g = cfg.gen
+        assert (g.num_inference_steps, g.guidance_scale, g.height, g.width) == (25, 7.0, 512, 512)
+        assert cfg.model.loader.scheduler == sched
+        # the calibration trajectories follow the same protocol (spec §2.6)
+        assert (cfg.calib.num_inference_steps, cfg.calib.guidance_scale) == (25, 7.0)
+    GlobalHydra.instance().clear()
