@@ -108,6 +108,31 @@ def _flat(node, prefix="") -> dict:
     return out
 
 
+def generation_protocol(cfg: DictConfig, pipe=None) -> dict:
+    """How the images were made, for tables that compare with a paper's protocol: steps, CFG,
+    size and the sampler actually installed (the loaded pipeline's, else the configured one)."""
+    sched = type(pipe.scheduler).__name__ if getattr(pipe, "scheduler", None) is not None else \
+        cfg.model.loader.get("scheduler")
+    choice = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("protocol")
+    except ValueError:
+        pass
+    return {"name": choice, "num_inference_steps": int(cfg.gen.num_inference_steps),
+            "guidance_scale": float(cfg.gen.guidance_scale), "height": int(cfg.gen.height),
+            "width": int(cfg.gen.width), "scheduler": sched}
+
+
+def requested_sparsity(cfg: DictConfig) -> float | None:
+    """The global ``sparsity`` if the composed method uses it (``${sparsity}`` in its config),
+    else ``None``: token methods have their own ratio knobs and ignore it."""
+    nodes = [cfg.method] + ([cfg.then] if cfg.get("then") else [])
+    text = "".join(OmegaConf.to_yaml(n, resolve=False) for n in nodes)
+    return float(cfg.sparsity) if "${sparsity}" in text else None
+
+
 def _provenance(cfg: DictConfig) -> dict:
     """Group choices and CLI overrides (for tables that match results to paper rows)."""
     try:
@@ -134,12 +159,13 @@ def tracker_config(cfg: DictConfig) -> dict:
 
 
 def _load_apply_generate(cfg, method, loader, items, gen, images_dir, device, dtype, calib,
-                         out_dir, metrics) -> MethodReport:
+                         out_dir, metrics, protocol) -> MethodReport:
     """Steps 2-3 of the run: load, apply the method, generate; fills ``metrics`` in place."""
     family = cfg.model.family
     # 2. Load the pipeline and apply the method.
     log.info("Loading <model=%s> (%s, %s, %s)", cfg.model.name, family, dtype, device)
     pipe = loader.load(family=family, dtype=dtype, device=device)
+    protocol.update(generation_protocol(cfg, pipe))
     if cfg.model.get("pruned_from"):
         from edm.methods.weight.io import apply_pruned_from
 
@@ -173,6 +199,8 @@ def _load_apply_generate(cfg, method, loader, items, gen, images_dir, device, dt
     if stats.sec_per_image is not None:
         metrics["perf/sec_per_image"] = stats.sec_per_image
     metrics["perf/images_generated"] = float(stats.generated)
+    # Read before FLOPs counting: its meta-device calls are not generation.
+    metrics.update({f"method/{k}": float(v) for k, v in method.run_metrics().items()})
     metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(device).items()})
     if cfg.perf.flops and items:
         try:
@@ -211,7 +239,15 @@ def run(cfg: DictConfig) -> float:
     images_dir = Path(gen["images_dir"])
     logger = instantiate(cfg.logger) if cfg.logger.get("_target_") else None
 
+    requested = requested_sparsity(cfg)
+    if requested is None and any(o.split("=")[0] == "sparsity" for o in _provenance(cfg)["overrides"]):
+        log.warning("<sparsity=%s> is not used by method=%s (a runtime method: its ratio is a "
+                    "method.* knob); metrics record the ratio it measured instead",
+                    cfg.sparsity, cfg.method.name)
     metrics: dict[str, float] = {}
+    protocol = generation_protocol(cfg)  # the loaded pipeline's sampler replaces the configured one
+    if requested is not None:
+        metrics["method/requested_sparsity"] = requested
     try:
         if logger is not None:
             logger.start(tracker_config(cfg), out_dir, job_type=method.kind)
@@ -219,7 +255,7 @@ def run(cfg: DictConfig) -> float:
         report = None
         if gen["enabled"]:
             report = _load_apply_generate(cfg, method, loader, items, gen, images_dir, device,
-                                          dtype, calib, out_dir, metrics)
+                                          dtype, calib, out_dir, metrics, protocol)
         else:
             log.info("Evaluation only <gen.enabled=false>: images from %s", images_dir)
 
@@ -248,7 +284,8 @@ def run(cfg: DictConfig) -> float:
                 "run_name": cfg.run_name, "model": cfg.model.name, "family": family,
                 "method": report.name if report else cfg.method.name,
                 "kind": report.kind if report else None, "tag": cfg.method.get("tag"),
-                "sparsity": cfg.sparsity, "seed": int(cfg.seed), "output_dir": str(out_dir),
+                "requested_sparsity": requested, "protocol": protocol, "seed": int(cfg.seed),
+                "output_dir": str(out_dir),
                 "images_dir": str(images_dir), "num_items": len(all_items),
                 "shard": gen["shard"], "num_shards": gen["num_shards"],
                 "eval_inputs_hash": eval_hash, "skipped_evaluators": skipped,

@@ -98,3 +98,34 @@ def test_cli_multirun_and_wandb_offline(tmp_path):
     seeds = sorted(json.loads(p.read_text())["run"]["seed"] for p in metrics)
     assert seeds == [0, 1]
     assert len(list(tmp_path.rglob("offline-run-*"))) == 2
+
+
+def test_metrics_record_what_the_method_did(compose_cfg):
+    """Token methods: the ratio measured per pruning-layer call (DSAP included), and no
+    ``sparsity`` they never read; weight methods: the requested and the measured sparsity."""
+    steps = ["gen.num_inference_steps=5", "data.num_prompts=4", "logger=none", "sparsity=0.6"]
+    cfg = compose_cfg(*steps, "method=at_edm", "method.prune_ratio=0.5",
+                      "method.dsap.early_steps=1", "method.dsap.early_prune_ratio=0.0")
+    run(cfg)
+    rec = _metrics(cfg)
+    m = rec["metrics"]
+    # 1 of 5 steps prunes nothing, 4 prune half of an even token count: 4/5 * 0.5
+    assert m["method/token_ratio_measured"] == pytest.approx(0.4)
+    assert m["method/prune_ratio"] == 0.5  # the configured value, under its own name
+    assert rec["run"]["requested_sparsity"] is None and "method/requested_sparsity" not in m
+    assert "sparsity" not in rec["run"]
+
+    cfg = compose_cfg(*steps, "method=magnitude")
+    run(cfg)
+    rec = _metrics(cfg)
+    assert rec["run"]["requested_sparsity"] == 0.6 == rec["metrics"]["method/requested_sparsity"]
+    assert rec["metrics"]["method/sparsity"] == pytest.approx(0.6, abs=0.005)  # measured
+
+
+def test_composed_methods_report_the_token_ratio_of_their_token_part(compose_cfg):
+    cfg = compose_cfg("gen.num_inference_steps=2", "data.num_prompts=2", "logger=none",
+                      "method=magnitude", "then=tome", "then.ratio=0.5", "then.dsap.enabled=false")
+    run(cfg)
+    m = _metrics(cfg)["metrics"]
+    assert m["method/tome/token_ratio_measured"] == pytest.approx(0.5)
+    assert m["method/requested_sparsity"] == 0.5

@@ -97,6 +97,37 @@ class Method(abc.ABC):
     def remove(self, pipe) -> None:  # noqa: B027 - optional for weight methods
         """Undo ``apply``. Runtime methods always can; weight methods raise unless they kept a backup."""
 
+    def run_metrics(self) -> dict[str, float]:
+        """What the method measured while the pipeline ran (logged as ``method/<key>``).
+
+        The runner reads it after generation and before FLOPs counting (whose meta-device calls
+        are not generation). Token methods report the ratio they actually used, which DSAP and
+        integer token counts make differ from the configured one.
+        """
+        return {}
+
+
+@dataclass
+class RatioMeter:
+    """Mean fraction of tokens removed per call of a pruning/merging layer.
+
+    Every call counts equally, so with DSAP (a ratio per step) this is the per-step average the
+    method really ran at; calls on the meta device (FLOPs counting) are not recorded.
+    """
+
+    total: float = 0.0
+    calls: int = 0
+
+    def add(self, removed: int, present: int, device: torch.device) -> None:
+        if present and device.type != "meta":
+            self.total += removed / present
+            self.calls += 1
+
+    def metrics(self) -> dict[str, float]:
+        if not self.calls:
+            return {}
+        return {"token_ratio_measured": self.total / self.calls, "token_layer_calls": self.calls}
+
 
 class Patcher:
     """Records every processor swap and hook so that ``undo()`` restores the model exactly."""
@@ -189,6 +220,11 @@ class RuntimeMethod(Method):
             self._patcher.undo()
             self._patcher = None
 
+    def run_metrics(self) -> dict[str, float]:
+        # install() of a token method sets ``_meter`` to the RatioMeter its hooks fill
+        meter = getattr(self, "_meter", None)
+        return meter.metrics() if meter is not None else {}
+
 
 class WeightMethod(Method):
     """A method that changes weights once. Not reversible unless ``keep_backup`` is set."""
@@ -242,3 +278,6 @@ class Sequential(Method):
     def remove(self, pipe) -> None:
         for m in reversed(self.methods):
             m.remove(pipe)
+
+    def run_metrics(self) -> dict[str, float]:
+        return {f"{m.name}/{k}": v for m in self.methods for k, v in m.run_metrics().items()}

@@ -223,6 +223,7 @@ class ATEDM(RuntimeMethod):
         tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
         patcher.add_handle(tracker)
         shared = RunState(self, tracker, timings=self.timings)
+        self._meter = shared.meter
         patcher.add_handle(
             denoiser.register_forward_pre_hook(DenoiserHook(shared), with_kwargs=True)
         )

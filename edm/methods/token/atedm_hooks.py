@@ -18,6 +18,7 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from edm.families import AttentionBlock
+from edm.methods.base import RatioMeter
 from edm.methods.token import atedm_kernel as K
 from edm.methods.token.attn_map import MapSlot, kept_rows_output
 from edm.state import StepTracker
@@ -32,6 +33,7 @@ class RunState:
     cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
     gen: torch.Generator | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    meter: RatioMeter = field(default_factory=RatioMeter)
 
     def time(self, name: str):
         if not self.m.profile:
@@ -152,6 +154,7 @@ class LayerHook(ModelHook):
         x = _hidden(args, kwargs)
         n = x.shape[1]
         k = K.keep_count(n, self.block.ratio)
+        self.shared.meter.add(n - min(k, n), n, x.device)
         if k >= n:
             return args, kwargs
         m = self.shared.m

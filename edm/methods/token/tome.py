@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import ModelHook
@@ -36,7 +36,7 @@ from torch import nn
 
 from edm.errors import ConfigError, NothingPatchedError
 from edm.families import AttentionBlock, adapter
-from edm.methods.base import ApplyContext, MethodReport, Patcher, RuntimeMethod
+from edm.methods.base import ApplyContext, MethodReport, Patcher, RatioMeter, RuntimeMethod
 from edm.methods.token.dsap import DSAP
 from edm.methods.token.tome_kernel import bipartite_merge, identity
 from edm.state import StepTracker
@@ -64,6 +64,7 @@ class _Run:
     seed: int | None
     generator: torch.Generator | None = None
     seeded_for: int = -1  # trajectory (its first call's number) ``generator`` was seeded for
+    meter: RatioMeter = field(default_factory=RatioMeter)
 
     def generator_for(self, device: torch.device) -> torch.Generator:
         # Draws happen on the activations' device (CPU for meta/mps), as in tomesd.
@@ -125,6 +126,7 @@ class _LayerHook(ModelHook):
             self.tome.ratio, self.block, state.step_index, state.num_steps
         )
         r = int(N * ratio)
+        self.run.meter.add(r, N, x.device)
         # tomesd: with an odd batch the CFG halves are not batched together and random
         # destinations cause artifacts, so use the top-left destination.
         use_rand = self.tome.use_rand and B % 2 == 0
@@ -304,7 +306,7 @@ class ToMe(RuntimeMethod):
                 f"{ctx.family} model: its finest attention level has downsample {finest} (SDXL has "
                 f"no attention at full resolution); use method.max_downsample={finest} or more"
             )
-        self._run = run
+        self._run, self._meter = run, run.meter
         return MethodReport(
             name=self.name,
             kind=self.kind,
