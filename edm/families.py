@@ -15,6 +15,7 @@ it to the adapter.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -55,6 +56,9 @@ class AttentionBlock:
         stage_index: index of the UNet down/up block (0 for mid and MMDiT).
         position: index of this attention block inside its stage block (UNet), block index (MMDiT).
         stage_len: how many attention blocks that stage block has.
+        downsample: how many times smaller its token grid is than the latent (UNet: read from
+            the structure, down blocks with a downsampler halve it and up blocks with an
+            upsampler double it; MMDiT: 1, every block sees the whole patch grid).
     """
 
     name: str
@@ -64,6 +68,7 @@ class AttentionBlock:
     stage_index: int
     position: int
     stage_len: int
+    downsample: int = 1
 
 
 def _unet_layer_units(prefix: str) -> list[list[str]]:
@@ -157,6 +162,11 @@ class UNetAdapter(Adapter):
         from diffusers.models.attention import BasicTransformerBlock
         from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+        down = [2 if getattr(b, "downsamplers", None) else 1 for b in denoiser.down_blocks]
+        up = [2 if getattr(b, "upsamplers", None) else 1 for b in denoiser.up_blocks]
+        mid = math.prod(down)
+        grid = {"down": lambda i: math.prod(down[:i]), "mid": lambda i: mid,
+                "up": lambda i: mid // math.prod(up[:i])}
         blocks = []
         for name, mod in denoiser.named_modules():
             if not isinstance(mod, Transformer2DModel):
@@ -182,6 +192,7 @@ class UNetAdapter(Adapter):
                     stage_index=stage_index,
                     position=int(parts[-1]),
                     stage_len=len(parent.attentions),
+                    downsample=grid[stage](stage_index),
                 )
             )
         # named_modules() registers mid_block after up_blocks; sort into forward order.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import sys
+import time
 
 import torch
 from torch import nn
@@ -67,3 +69,43 @@ def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
     cfg_batch = 2 if float(gen["guidance_scale"]) > 1.0 else 1
     return {"gflops_per_step": avg / 1e9, "tflops_per_forward": avg / cfg_batch / 1e12,
             "denoiser_calls": float(len(per_call))}
+
+
+def cuda_clock() -> float:
+    """Wall clock after ``torch.cuda.synchronize()``: GPU work is asynchronous, so this times
+    what was queued so far (adds a sync per reading: keep it out of timed benchmark calls)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time, "cuda": cuda_clock}
+
+
+class PhaseTimer:
+    """Accumulates seconds per named phase (``with timer("map"): ...``); ``clock`` is a key of
+    :data:`CLOCKS` or ``None`` (no timing, no overhead: every phase is a null context)."""
+
+    def __init__(self, clock: str | None = None):
+        if clock is not None and clock not in CLOCKS:
+            raise ValueError(f"unknown clock {clock!r}; known: {', '.join(CLOCKS)}")
+        self.clock = CLOCKS[clock] if clock else None
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        return _Phase(self, name) if self.clock is not None else contextlib.nullcontext()
+
+    def metrics(self) -> dict[str, float]:
+        """``time_<phase>_s`` for every phase timed so far."""
+        return {f"time_{k}_s": v for k, v in self.totals.items()}
+
+
+class _Phase:
+    def __init__(self, timer: PhaseTimer, name: str):
+        self.timer, self.name = timer, name
+
+    def __enter__(self):
+        self.t0 = self.timer.clock()
+
+    def __exit__(self, *exc):
+        t = self.timer
+        t.totals[self.name] = t.totals.get(self.name, 0.0) + t.clock() - self.t0

@@ -55,13 +55,15 @@ def sdxl_meta(height: int = 1024, width: int = 1024, batch: int = 1):
     return pipe, inputs
 
 
-def avg_step_flops(pipe, inputs, method: ATEDM | None, num_steps: int = 10) -> float:
-    """Average FLOPs per denoising step of a ``num_steps`` trajectory with ``method`` applied."""
+def avg_step_flops(pipe, inputs, method: ATEDM | None, num_steps: int = 10,
+                   cfg_batch: bool = False) -> float:
+    """Average FLOPs per denoising step of a ``num_steps`` trajectory with ``method`` applied;
+    ``cfg_batch``: the inputs are a classifier-free-guidance pair (AT-EDM maps one half)."""
     if method is None:
         return float(meta_denoiser_flops(pipe.unet, inputs))
     pipe.scheduler.set_timesteps(num_steps)
     tau = min(method.dsap.tau(num_steps), num_steps - 1) if method.dsap.enabled else 0
-    method.apply(pipe, ApplyContext(family="sdxl"))
+    method.apply(pipe, ApplyContext(family="sdxl", meta_cfg_batch=cfg_batch))
     try:
         flops = []
         for t in pipe.scheduler.timesteps[: tau + 1]:  # the step tracker counts these calls

@@ -40,7 +40,7 @@ import torch
 from edm.eval.flops import meta_denoiser_flops
 from edm.methods.base import ApplyContext
 from edm.methods.token.atedm import ATEDM
-from edm.methods.token.atedm_hooks import cuda_clock
+from edm.perf import cuda_clock
 from edm.models import archs
 
 NO_DSAP = {"enabled": False}  # one call = a late denoising step
@@ -66,10 +66,9 @@ class Bench:
     def flops(self, method) -> float:
         if method is None:
             return float(meta_denoiser_flops(self.meta, self.meta_inputs))
-        if isinstance(method, ATEDM):  # the timed inputs are a CFG batch (equal latent halves)
-            method.meta_cfg_batch = True
         pipe = self.pipe(self.meta)
-        method.apply(pipe, ApplyContext(family=self.family))
+        # the timed inputs are a CFG batch (equal latent halves); on meta it must be said
+        method.apply(pipe, ApplyContext(family=self.family, meta_cfg_batch=True))
         try:
             return float(meta_denoiser_flops(self.meta, self.meta_inputs))
         finally:
@@ -239,9 +238,7 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
             rep = methods[row].apply(pipe, ctx)
             mapped = sorted(set(mapped) | set(rep.details["pruning_layers"]))
             methods[row].remove(pipe)
-    for m in methods.values():  # drop what the meta FLOPs counts and the dry apply timed
-        if isinstance(m, ATEDM):
-            m.timings.clear()
+    phases = {r: {} for r in rows}  # AT-EDM's per-phase seconds, summed over the timed rounds
     wall = {r: [] for r in rows}
     cpu = {r: [] for r in rows}  # this thread's CPU time: excludes time descheduled by other load
     sdpa_acc: dict[str, float] = {}
@@ -268,6 +265,10 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
             for h in handles:
                 h.remove()
             if m is not None:
+                for k, v in m.run_metrics().items():
+                    if k.startswith("time_"):
+                        key = k[len("time_"):-len("_s")]
+                        phases[row][key] = phases[row].get(key, 0.0) + v
                 m.remove(pipe)
             print(f"[{arch}] round {rnd} {row}: {wall[row][-1]:.2f} s wall", flush=True)
     where = f"{args.threads} thread(s)"
@@ -319,7 +320,7 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
         m = methods[row]
         if not isinstance(m, ATEDM):
             continue
-        t = {k: v / args.rounds for k, v in m.timings.items()}
+        t = {k: v / args.rounds for k, v in phases[row].items()}
         mine = m.apply(pipe, ctx).details["pruning_layers"]
         m.remove(pipe)
         sdpa = sum(sdpa_acc.get(name, 0.0) for name in mine) / args.rounds

@@ -41,6 +41,9 @@ class ApplyContext:
         calib: calibration set for weight methods (``edm.data.calib.CalibSet``) or ``None``.
         train_data: callable returning training images for methods that need images
             (Diff-Pruning fine-tuning on the embedded model), or ``None``.
+        meta_cfg_batch: FLOPs tools on the meta device, where latents have no values, say
+            whether their batch is a classifier-free-guidance pair (AT-EDM then maps the
+            conditional half only, as it does in a real run).
     """
 
     family: str
@@ -51,6 +54,7 @@ class ApplyContext:
     gen: dict[str, Any] = field(default_factory=dict)
     calib: Any = None
     train_data: Any = None
+    meta_cfg_batch: bool = False
 
 
 @dataclass

@@ -47,6 +47,7 @@ from edm.methods.token.atedm_hooks import (
     LayerHook,
     RefillHook,
     RunState,
+    Settings,
 )
 from edm.methods.token.attn_map import (
     HEAD_REDUCE,
@@ -56,6 +57,8 @@ from edm.methods.token.attn_map import (
     check_plain_attention,
 )
 from edm.methods.token.dsap import DSAP
+from edm.methods.token.hook_args import TrajectoryRNG
+from edm.perf import PhaseTimer
 from edm.state import StepTracker
 
 log = logging.getLogger(__name__)
@@ -129,7 +132,8 @@ class ATEDM(RuntimeMethod):
             chunk; ``None`` = by device: 2 MiB on CPU (stays in cache: fastest there), 256 MiB
             on CUDA (small chunks cost thousands of kernel launches per layer).
         profile (`bool | str`, defaults to `False`): accumulate the time of map / gwpr / mask /
-            gather / refill in ``self.timings`` (seconds); ``True``/``"wall"`` = wall clock,
+            gather / refill (an :class:`edm.perf.PhaseTimer`, reported by ``run_metrics()`` as
+            ``time_<phase>_s``, logged as ``method/time_*``); ``True``/``"wall"`` = wall clock,
             ``"cpu"`` = this thread's CPU time (robust on an oversubscribed CPU machine),
             ``"cuda"`` = wall clock after ``torch.cuda.synchronize()`` (GPU; adds syncs).
         seed (`int`): seed of ``selection=random`` (re-seeded at every trajectory's first step).
@@ -202,11 +206,8 @@ class ATEDM(RuntimeMethod):
         self.map_chunk_mb = None if map_chunk_mb is None else float(map_chunk_mb)
         self.seed = int(seed)
         self.name, self.tag = name, tag or f"atedm-r{self.prune_ratio}"
-        self.timings: dict[str, float] = {}
         self.resolved_point: str | None = None
-        # On the meta device (FLOPs counting) CFG batches cannot be detected from the latents;
-        # a tool counting a CFG batch sets this so the count matches a real run's.
-        self.meta_cfg_batch = False
+        self._timer: PhaseTimer | None = None
 
     @property
     def needs_self_map(self) -> bool:
@@ -222,8 +223,15 @@ class ATEDM(RuntimeMethod):
         denoiser = ad.denoiser(pipe)
         tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
         patcher.add_handle(tracker)
-        shared = RunState(self, tracker, timings=self.timings)
-        self._meter = shared.meter
+        settings = Settings(
+            prune_ratio=self.prune_ratio, dsap=self.dsap, selection=self.selection,
+            iters=self.iters, head_reduce=self.head_reduce, score_source=self.score_source,
+            assignment=self.assignment, cfg_shared_mask=self.cfg_shared_mask,
+            needs_self_map=self.needs_self_map, needs_cross_map=self.needs_cross_map,
+            meta_cfg_batch=ctx.meta_cfg_batch)
+        shared = RunState(settings, tracker, TrajectoryRNG(tracker, self.seed),
+                          timer=PhaseTimer(self.profile))
+        self._meter, self._timer = shared.meter, shared.timer
         patcher.add_handle(
             denoiser.register_forward_pre_hook(DenoiserHook(shared), with_kwargs=True)
         )
@@ -267,6 +275,12 @@ class ATEDM(RuntimeMethod):
             },
         )
 
+    def run_metrics(self) -> dict[str, float]:
+        out = super().run_metrics()
+        if self._timer is not None:
+            out.update(self._timer.metrics())
+        return out
+
     def _resolved_map_output(self, point: str) -> str:
         if self.map_output != "auto":
             return self.map_output
@@ -274,7 +288,7 @@ class ATEDM(RuntimeMethod):
         return "kept_fused" if fused else "reuse"
 
     def _map_slot(self, shared: RunState, defer: bool = False) -> MapSlot:
-        timer = shared.time if self.profile else None
+        timer = shared.timer if self.profile else None
         return MapSlot(
             head_reduce=self.head_reduce,
             iters=self.iters,
@@ -284,16 +298,10 @@ class ATEDM(RuntimeMethod):
         )
 
     def _install_unet(self, denoiser, blocks, patcher, shared, point):
-        n_down = len(denoiser.down_blocks)
         layers, skipped = [], []
         for info in blocks:
-            exp = {
-                "down": info.stage_index,
-                "mid": n_down - 1,
-                "up": n_down - 1 - info.stage_index,
-            }[info.stage]
-            if self.downsamples is not None and 2**exp not in self.downsamples:
-                skipped.append((info.name, f"downsample {2**exp} not in {self.downsamples}"))
+            if self.downsamples is not None and info.downsample not in self.downsamples:
+                skipped.append((info.name, f"downsample {info.downsample} not in {self.downsamples}"))
                 continue
             n_layers = len(info.layers)
             last_useful = n_layers - 1 if point == "after_self_attn" else n_layers - 2

@@ -8,10 +8,7 @@ talks to the attention processors of :mod:`edm.methods.token.attn_map` through a
 
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
@@ -21,43 +18,40 @@ from edm.families import AttentionBlock
 from edm.methods.base import RatioMeter
 from edm.methods.token import atedm_kernel as K
 from edm.methods.token.attn_map import MapSlot, kept_rows_output
+from edm.methods.token.dsap import DSAP
+from edm.methods.token.hook_args import TrajectoryRNG, hidden_arg, with_hidden
+from edm.perf import PhaseTimer
 from edm.state import StepTracker
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the hooks need to know of an :class:`~edm.methods.token.atedm.ATEDM` (built once per
+    ``apply``; the hooks never see the method itself)."""
+
+    prune_ratio: float
+    dsap: DSAP
+    selection: str
+    iters: int
+    head_reduce: str
+    score_source: str
+    assignment: str
+    cfg_shared_mask: bool
+    needs_self_map: bool
+    needs_cross_map: bool
+    meta_cfg_batch: bool  # on meta (FLOPs counting) latents have no values: is it a CFG pair?
 
 
 @dataclass
 class RunState:
     """State of one ``apply``, shared by every hook."""
 
-    m: Any  # the ATEDM instance (its settings)
+    cfg: Settings
     tracker: StepTracker
-    cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
-    gen: torch.Generator | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    rng: TrajectoryRNG
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
     meter: RatioMeter = field(default_factory=RatioMeter)
-
-    def time(self, name: str):
-        if not self.m.profile:
-            return contextlib.nullcontext()
-        return _Timer(self.timings, name, _CLOCKS.get(self.m.profile, time.perf_counter))
-
-
-def cuda_clock() -> float:
-    torch.cuda.synchronize()  # GPU work is asynchronous: time what was queued so far
-    return time.perf_counter()
-
-
-_CLOCKS = {"cpu": time.thread_time, "cuda": cuda_clock}  # method.profile -> clock
-
-
-class _Timer:
-    def __init__(self, acc: dict[str, float], name: str, clock):
-        self.acc, self.name, self.clock = acc, name, clock
-
-    def __enter__(self):
-        self.t0 = self.clock()
-
-    def __exit__(self, *exc):
-        self.acc[self.name] = self.acc.get(self.name, 0.0) + self.clock() - self.t0
+    cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
 
 
 @dataclass
@@ -69,18 +63,8 @@ class BlockState:
     src: torch.Tensor | None = None  # [B, N0] position of every grid token in the kept sequence
 
 
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args, kwargs, x):
-    if args:
-        return (x, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": x}
-
-
 class DenoiserHook:
-    """Forward pre-hook on the denoiser: CFG detection and per-trajectory RNG re-seeding."""
+    """Forward pre-hook on the denoiser: is this call a classifier-free-guidance batch?"""
 
     def __init__(self, shared: RunState):
         self.shared = shared
@@ -91,11 +75,9 @@ class DenoiserHook:
         half = x.shape[0] // 2
         # diffusers pipelines batch CFG as torch.cat([latents] * 2): equal halves <=> CFG.
         if x.device.type == "meta":  # values unknown: FLOPs tools say what the batch is
-            s.cfg_batch = bool(x.shape[0] % 2 == 0 and s.m.meta_cfg_batch)
+            s.cfg_batch = bool(x.shape[0] % 2 == 0 and s.cfg.meta_cfg_batch)
         else:
             s.cfg_batch = bool(x.shape[0] % 2 == 0 and torch.equal(x[:half], x[half:]))
-        if s.tracker.state.step_index == 0 and x.device.type != "meta":
-            s.gen = torch.Generator(x.device).manual_seed(s.m.seed)
 
 
 class BlockHook(ModelHook):
@@ -107,10 +89,8 @@ class BlockHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         st = self.shared.tracker.state
-        m = self.shared.m
-        self.block.ratio = m.dsap.ratio(
-            m.prune_ratio, self.block.info, st.step_index, st.num_steps
-        )
+        c = self.shared.cfg
+        self.block.ratio = c.dsap.ratio(c.prune_ratio, self.block.info, st.step_index, st.num_steps)
         self.block.src = None
         return args, kwargs
 
@@ -151,13 +131,13 @@ class LayerHook(ModelHook):
         if self.point is None:
             return args, kwargs
         self.slot.clear()  # nothing left over from an interrupted call
-        x = _hidden(args, kwargs)
+        x = hidden_arg(args, kwargs)
         n = x.shape[1]
         k = K.keep_count(n, self.block.ratio)
         self.shared.meter.add(n - min(k, n), n, x.device)
         if k >= n:
             return args, kwargs
-        m = self.shared.m
+        m = self.shared.cfg
         # CFG with a shared mask: the uncond half's map would be thrown away, so skip it
         cond_only = m.cfg_shared_mask and self.shared.cfg_batch
         self.slot.want_map, self.slot.cond_only = m.needs_self_map, cond_only
@@ -181,20 +161,20 @@ class LayerHook(ModelHook):
         # deferred output, attn_out is None and the layer input stands in for it)
         cosine = m.assignment == "cosine" and attn_out is not None
         keep, src = self._decide(x + attn_out if cosine else x, k)
-        with self.shared.time("gather"):
+        with self.shared.timer("gather"):
             x = K.gather_tokens(x, keep)
             if attn_out is not None:
                 self.slot.replay = K.gather_tokens(attn_out, keep)
         if attn_out is None:  # map_output=kept_fused: fused SDPA on the kept queries only
             self.slot.replay = kept_rows_output(self.slot, keep)
         self.block.src = src
-        return _with_hidden(args, kwargs, x)
+        return with_hidden(args, kwargs, x)
 
     def post_forward(self, module, output):
         if self.k is not None:  # after_ffn
             hidden = output[1] if self.mmdit else output
             keep, self.block.src = self._decide(hidden, self.k)
-            with self.shared.time("gather"):
+            with self.shared.timer("gather"):
                 hidden = K.gather_tokens(hidden, keep)
             output = (output[0], hidden) if self.mmdit else hidden
             self.k = None
@@ -206,14 +186,15 @@ class LayerHook(ModelHook):
 
     def _decide(self, hidden: torch.Tensor, k: int):
         """Scores -> keep indices -> refill sources, from this call's map(s)."""
-        s, m, slot = self.shared, self.shared.m, self.slot
+        s, m, slot = self.shared, self.shared.cfg, self.slot
         b, n = hidden.shape[:2]
-        with s.time("gwpr"):
+        with s.timer("gwpr"):
             if m.selection == "random":
-                if hidden.device.type == "meta" or s.gen is None:
+                if hidden.device.type == "meta":  # values do not matter, only the FLOPs
                     scores = torch.rand(b, n, device=hidden.device)
                 else:
-                    scores = torch.rand(b, n, generator=s.gen, device=hidden.device)
+                    gen = s.rng.generator_for(hidden.device)
+                    scores = torch.rand(b, n, generator=gen, device=gen.device).to(hidden.device)
             elif m.score_source == "cross":
                 scores = K.hits_image_scores(self.cross_slot.A, m.iters)
             elif m.head_reduce == "rms":
@@ -221,7 +202,7 @@ class LayerHook(ModelHook):
             else:
                 scores = K.gwpr(slot.A, 1 if m.selection == "attn_colsum" else m.iters)
             scores = _both_halves(scores, b)
-        with s.time("mask"):
+        with s.timer("mask"):
             shared = m.cfg_shared_mask and s.cfg_batch
             keep = K.keep_indices(scores, k, cfg_shared=shared)
             if m.assignment == "attention":
@@ -244,7 +225,7 @@ def _both_halves(t: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def _refill(shared: RunState, block: BlockState, hidden: torch.Tensor) -> torch.Tensor:
-    with shared.time("refill"):
+    with shared.timer("refill"):
         out = K.refill(hidden, block.src)
     block.src = None
     return out

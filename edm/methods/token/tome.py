@@ -30,7 +30,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
@@ -38,6 +37,7 @@ from edm.errors import ConfigError, NothingPatchedError
 from edm.families import AttentionBlock, adapter
 from edm.methods.base import ApplyContext, MethodReport, Patcher, RatioMeter, RuntimeMethod
 from edm.methods.token.dsap import DSAP
+from edm.methods.token.hook_args import TrajectoryRNG, hidden_arg, with_hidden
 from edm.methods.token.tome_kernel import bipartite_merge, identity
 from edm.state import StepTracker
 
@@ -56,59 +56,36 @@ class _Match:
     shape: tuple[int, int] | None = None  # (B, N) the closures were built for
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What the hooks need of a :class:`ToMe` (built once per ``apply``)."""
+
+    ratio: float
+    dsap: DSAP
+    sx: int
+    sy: int
+    use_rand: bool
+
+
 @dataclass
 class _Run:
     """State shared by every hook of one ``apply``."""
 
+    cfg: _Settings
     tracker: StepTracker
-    seed: int | None
-    generator: torch.Generator | None = None
-    seeded_for: int = -1  # trajectory (its first call's number) ``generator`` was seeded for
+    rng: TrajectoryRNG
     meter: RatioMeter = field(default_factory=RatioMeter)
-
-    def generator_for(self, device: torch.device) -> torch.Generator:
-        # Draws happen on the activations' device (CPU for meta/mps), as in tomesd.
-        dev = device if device.type in ("cpu", "cuda") else torch.device("cpu")
-        state = self.tracker.state
-        if self.seed is not None:
-            # Re-seeded at every trajectory start: an image does not depend on earlier batches,
-            # so resumed or sharded generation reproduces it.
-            # (Keyed by the trajectory, not by step 0: DSAP may merge nothing at step 0.)
-            trajectory = state.calls - max(state.step_index, 0)
-            if (
-                self.generator is None
-                or self.generator.device != dev
-                or trajectory != self.seeded_for
-            ):
-                self.generator = torch.Generator(dev).manual_seed(self.seed)
-                self.seeded_for = trajectory
-        elif self.generator is None or self.generator.device != dev:
-            # tomesd: fork the device's global RNG at first use and keep drawing from the fork.
-            self.generator = torch.Generator(dev)
-            rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state()
-            self.generator.set_state(rng)
-        return self.generator
-
-
-def _first_arg(args, kwargs, name: str = "hidden_states"):
-    return args[0] if args else kwargs[name]
-
-
-def _replace_first_arg(args, kwargs, value, name: str = "hidden_states"):
-    if args:
-        return (value, *args[1:]), kwargs
-    return args, {**kwargs, name: value}
 
 
 class _LayerHook(ModelHook):
     """Computes one layer's matching from its input (pre-norm ``x``), tomesd's metric."""
 
-    def __init__(self, tome: ToMe, run: _Run, block: AttentionBlock, div: int, match: _Match):
+    def __init__(self, run: _Run, block: AttentionBlock, div: int, match: _Match):
         super().__init__()
-        self.tome, self.run, self.block, self.div, self.match = tome, run, block, div, match
+        self.run, self.block, self.div, self.match = run, block, div, match
 
     def pre_forward(self, module, *args, **kwargs):
-        x = _first_arg(args, kwargs)
+        x = hidden_arg(args, kwargs)
         state = self.run.tracker.state
         if state.latent_hw is None:
             raise RuntimeError(
@@ -122,16 +99,15 @@ class _LayerHook(ModelHook):
                 f"<method=tome> {self.block.name}: {N} tokens do not form the {h}x{w} grid "
                 f"expected from latent {H}x{W} / {self.div}"
             )
-        ratio = self.tome.dsap.ratio(
-            self.tome.ratio, self.block, state.step_index, state.num_steps
-        )
+        c = self.run.cfg
+        ratio = c.dsap.ratio(c.ratio, self.block, state.step_index, state.num_steps)
         r = int(N * ratio)
         self.run.meter.add(r, N, x.device)
         # tomesd: with an odd batch the CFG halves are not batched together and random
         # destinations cause artifacts, so use the top-left destination.
-        use_rand = self.tome.use_rand and B % 2 == 0
-        gen = self.run.generator_for(x.device) if (use_rand and r > 0) else None
-        m, u = bipartite_merge(x, w, h, r, self.tome.sx, self.tome.sy, use_rand, gen)
+        use_rand = c.use_rand and B % 2 == 0
+        gen = self.run.rng.generator_for(x.device) if (use_rand and r > 0) else None
+        m, u = bipartite_merge(x, w, h, r, c.sx, c.sy, use_rand, gen)
         self.match.merge, self.match.unmerge, self.match.shape = m, u, (B, N)
         return args, kwargs
 
@@ -150,7 +126,7 @@ class _MergeHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         if self.match.shape is None:
             return args, kwargs
-        x = _first_arg(args, kwargs)
+        x = hidden_arg(args, kwargs)
         if tuple(x.shape[:2]) != self.match.shape:
             # e.g. diffusers' feed-forward chunking calls ``ff`` on slices of the sequence.
             raise RuntimeError(
@@ -161,7 +137,7 @@ class _MergeHook(ModelHook):
             raise RuntimeError(
                 f"<method=tome> {self.where}: a self-attention mask cannot be merged"
             )
-        return _replace_first_arg(args, kwargs, self.match.merge(x))
+        return with_hidden(args, kwargs, self.match.merge(x))
 
     def post_forward(self, module, output):
         if self.match.shape is None:
@@ -268,12 +244,13 @@ class ToMe(RuntimeMethod):
                 )
         tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
         patcher.add_handle(tracker)  # undo() calls tracker.remove()
-        run = _Run(tracker=tracker, seed=self.seed)
-        downsample = _downsample_of(denoiser) if ad.arch == "unet" else None
+        settings = _Settings(self.ratio, self.dsap, self.sx, self.sy, self.use_rand)
+        run = _Run(settings, tracker, TrajectoryRNG(tracker, self.seed))
+        # tokens per latent pixel side: the UNet block's downsample, the MMDiT's patch size
         patch = getattr(getattr(denoiser, "config", None), "patch_size", 1) or 1
         layers, skipped = [], []
         for block in ad.attention_blocks(denoiser):
-            ds = downsample(block) if downsample else 1
+            ds = block.downsample
             if ds > self.max_downsample:
                 skipped.append(block.name)
                 log.info(
@@ -288,10 +265,8 @@ class ToMe(RuntimeMethod):
                 if not targets:
                     continue
                 match = _Match()
-                div = ds if downsample else patch
-                patcher.register_hook(
-                    layer, _LayerHook(self, run, block, div, match), _EDM_TOME_HOOK
-                )
+                div = ds if ad.arch == "unet" else patch
+                patcher.register_hook(layer, _LayerHook(run, block, div, match), _EDM_TOME_HOOK)
                 for sub_name, sub in targets:
                     where = f"{layer_name}.{sub_name}"
                     patcher.register_hook(sub, _MergeHook(match, where), _EDM_TOME_HOOK)
@@ -300,7 +275,7 @@ class ToMe(RuntimeMethod):
                 )
         if not layers and skipped:
             # The SDXL pitfall (spec §3.1): tomesd silently does nothing here.
-            finest = min(downsample(b) for b in ad.attention_blocks(denoiser))
+            finest = min(b.downsample for b in ad.attention_blocks(denoiser))
             raise NothingPatchedError(
                 f"<method.max_downsample={self.max_downsample}> selects no attention block of this "
                 f"{ctx.family} model: its finest attention level has downsample {finest} (SDXL has "
@@ -314,26 +289,6 @@ class ToMe(RuntimeMethod):
             metrics={"ratio": self.ratio, "layers": float(len(layers))},
             details={"layers": layers, "skipped_blocks": skipped, "dsap": repr(self.dsap)},
         )
-
-
-def _downsample_of(unet: nn.Module):
-    """``block -> how many times smaller its token grid is than the latent`` for a UNet.
-
-    Read from the structure (down blocks with a downsampler halve the grid, up blocks with an
-    upsampler double it), so the selection is known at ``apply`` and an empty one is an error.
-    """
-    down = [2 if getattr(b, "downsamplers", None) else 1 for b in unet.down_blocks]
-    up = [2 if getattr(b, "upsamplers", None) else 1 for b in unet.up_blocks]
-    mid = math.prod(down)
-
-    def ds(block: AttentionBlock) -> int:
-        if block.stage == "down":
-            return math.prod(down[: block.stage_index])
-        if block.stage == "mid":
-            return mid
-        return mid // math.prod(up[: block.stage_index])
-
-    return ds
 
 
 __all__ = ["ToMe"]
