@@ -15,6 +15,15 @@ from edm.families import ARCH, FAMILIES, SCHEDULERS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``/``"fp16"``/``"bf16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError("model.dtype", f"unknown dtype {dtype!r}.", list(DTYPES))
+    return DTYPES[dtype]
+
+
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,8 +38,7 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype {name!r}.", list(DTYPES))
+    to_dtype(name)  # unknown names are a ConfigError
     # fp16 matmuls are slow or unsupported on CPUs; bf16 is 2-3x faster than fp32 there.
     if device.type == "cpu" and name == "fp16":
         return torch.bfloat16

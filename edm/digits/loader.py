@@ -9,10 +9,9 @@ import torch
 
 from edm.digits.components import CONFIG_NAME, WEIGHTS_DIR, WEIGHTS_NAME
 from edm.errors import ConfigError, MissingWeightsError
+from edm.validate import to_dtype
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class DigitsLoader:
@@ -46,10 +45,7 @@ class DigitsLoader:
         if family != "digits":
             raise ConfigError("model.family", f"DigitsLoader loads family 'digits', not {family!r}.",
                               ["digits"])
-        if not isinstance(dtype, torch.dtype):
-            if dtype not in _DTYPES:
-                raise ConfigError("model.dtype", f"unknown dtype {dtype!r}.", list(_DTYPES))
-            dtype = _DTYPES[dtype]
+        dtype = to_dtype(dtype)
         comps = load_components(self.check())
         comps.pop("config")
         for name in ("unet", "text_encoder"):

@@ -21,116 +21,20 @@ and does not touch the global RNG.
 
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import Any
 
 import torch
 
-from edm.models.tokenizers import VOCAB_SIZE, clip_tokenizer
-
-# OpenCLIP (SDXL/SD3 second encoder) pads with "!" (id 0); CLIP-L pads with <|endoftext|>.
-_OPENCLIP_PAD = "!"
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(pad_token: str | None = None):
-    # Building the 49k-token BPE takes ~0.15 s; pipelines never mutate their tokenizers, so
-    # tiny pipelines share one per padding convention.
-    return clip_tokenizer(pad_token=pad_token) if pad_token else clip_tokenizer()
-
-
-def clip_text_encoder(
-    hidden_size: int,
-    projection_dim: int | None = None,
-    num_layers: int = 2,
-    intermediate_size: int | None = None,
-    seed: int = 0,
-):
-    """A random CLIP text encoder on the real vocabulary (77 positions).
-
-    Args:
-        hidden_size: width; stand-ins for full-size pipelines use the real one (768 CLIP-L,
-            1024 OpenCLIP-H, 1280 OpenCLIP-bigG) so the denoiser sees real context shapes.
-        projection_dim: if given, a ``CLIPTextModelWithProjection`` (pooled ``text_embeds`` of
-            this size, used by SDXL's second encoder and both SD3 encoders).
-        num_layers: transformer layers; SDXL reads ``hidden_states[-2]``.
-        intermediate_size: MLP width (default ``4 * hidden_size``).
-        seed: weight seed.
-    """
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cfg = CLIPTextConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=max(1, hidden_size // 64) if hidden_size >= 64 else 2,
-        max_position_embeddings=77,
-        projection_dim=projection_dim or hidden_size,
-        bos_token_id=VOCAB_SIZE - 2,
-        eos_token_id=VOCAB_SIZE - 1,  # pooled output = hidden state at the first EOS
-        pad_token_id=VOCAB_SIZE - 1,
-    )
-    cls = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(cfg).eval()
-
-
-def tiny_vae(latent_channels: int = 4, levels: int = 2, sd3: bool = False, seed: int = 0):
-    """A small ``AutoencoderKL``; ``levels`` blocks downsample by ``2**(levels-1)``."""
-    from diffusers import AutoencoderKL
-
-    extra: dict[str, Any] = {}
-    if sd3:  # SD3's VAE: 16 channels, shift + scale, no (post-)quant conv
-        extra = {
-            "shift_factor": 0.0609,
-            "scaling_factor": 1.5305,
-            "use_quant_conv": False,
-            "use_post_quant_conv": False,
-        }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=(8,) * levels,
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=4,
-            sample_size=32,
-            **extra,
-        ).eval()
-
-
-def default_scheduler(family: str):
-    """The scheduler each family's tiny/full-size stand-in uses (a config YAML may override it).
-
-    SD1.5 ships PNDM, whose PLMS warm-up calls the UNet ``steps + 1`` times; DDIM keeps one call
-    per step, which the tests rely on. SDXL base ships Euler (leading spacing); SD3 flow-match
-    Euler with shift 3.
-    """
-    import diffusers
-
-    name, kwargs = _SCHEDULERS[family]
-    return getattr(diffusers, name)(**kwargs)
-
-
-_SD_BETAS = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-}
-_SCHEDULERS = {
-    "sd15": ("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
-    "sd21": ("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
-    "sdxl": ("EulerDiscreteScheduler", dict(_SD_BETAS, timestep_spacing="leading")),
-    "sd3": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
-}
+from edm.models.components import (
+    OPENCLIP_PAD,
+    clip_text_encoder,
+    default_scheduler,
+    scheduler_class,
+    set_scheduler,
+    tiny_vae,
+    tokenizer,
+)
+from edm.validate import to_dtype
 
 
 def _seeded(seed: int, fn, **kwargs):
@@ -161,7 +65,7 @@ def tiny_sd15(seed: int = 0):
         unet=unet,
         vae=tiny_vae(4, seed=seed + 1),
         text_encoder=clip_text_encoder(32, seed=seed + 2),
-        tokenizer=_tokenizer(),
+        tokenizer=tokenizer(),
         scheduler=default_scheduler("sd15"),
         safety_checker=None,
         feature_extractor=None,
@@ -200,8 +104,8 @@ def tiny_sdxl(seed: int = 0):
         vae=tiny_vae(4, seed=seed + 1),
         text_encoder=clip_text_encoder(te1_dim, seed=seed + 2),
         text_encoder_2=clip_text_encoder(te2_dim, projection_dim=te2_dim, seed=seed + 3),
-        tokenizer=_tokenizer(),
-        tokenizer_2=_tokenizer(_OPENCLIP_PAD),
+        tokenizer=tokenizer(),
+        tokenizer_2=tokenizer(OPENCLIP_PAD),
         scheduler=default_scheduler("sdxl"),
         force_zeros_for_empty_prompt=True,
     )
@@ -251,8 +155,8 @@ def tiny_sd3(
         text_encoder=clip_text_encoder(te_dim, projection_dim=te_dim, seed=seed + 2),
         text_encoder_2=clip_text_encoder(te_dim, projection_dim=te_dim, seed=seed + 3),
         text_encoder_3=None,
-        tokenizer=_tokenizer(),
-        tokenizer_2=_tokenizer(_OPENCLIP_PAD),
+        tokenizer=tokenizer(),
+        tokenizer_2=tokenizer(OPENCLIP_PAD),
         tokenizer_3=None,
         scheduler=default_scheduler("sd3"),
     )
@@ -277,7 +181,6 @@ class TinyPipeline:
 
     def __init__(self, kind: str, seed: int = 0, scheduler: str | None = None, **builder_kwargs):
         from edm.errors import ConfigError
-        from edm.models.zoo import _scheduler_class
 
         if kind not in TINY_BUILDERS:
             raise ConfigError(
@@ -289,14 +192,13 @@ class TinyPipeline:
             raise ConfigError("model.loader", f"bad arguments for tiny_{kind}: {err}.") from None
         self.kind, self.seed, self.scheduler = kind, seed, scheduler
         self.builder_kwargs = builder_kwargs
-        _scheduler_class(scheduler)
+        scheduler_class(scheduler)
 
     def check(self) -> None:
         """Nothing to fetch: weights are random, the tokenizer comes from open_clip's package."""
 
     def load(self, family: str, dtype, device):
         from edm.errors import ConfigError
-        from edm.models.zoo import _set_scheduler, to_dtype
 
         if family != self.kind:
             raise ConfigError(
@@ -305,7 +207,7 @@ class TinyPipeline:
                 [self.kind],
             )
         pipe = TINY_BUILDERS[self.kind](seed=self.seed, **self.builder_kwargs)
-        _set_scheduler(pipe, self.scheduler)
+        set_scheduler(pipe, self.scheduler)
         dtype = to_dtype(dtype)
         pipe = pipe.to(device)
         # Built in fp32; skipping the no-op cast avoids a diffusers warning.

@@ -26,10 +26,10 @@ from torch import nn
 from edm.errors import ConfigError, MissingWeightsError
 from edm.families import FAMILIES
 from edm.models.archs import ArchSpec, arch_spec, build_denoiser
+from edm.models.components import scheduler_class, set_scheduler
+from edm.validate import DTYPES, to_dtype  # noqa: F401 - DTYPES re-exported by edm.models
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # diffusers pipeline class per family (SD2.1 and SD1.5 share one).
 PIPELINE_CLASSES = {
@@ -43,39 +43,9 @@ PIPELINE_CLASSES = {
 _NOT_WEIGHTS = ("Tokenizer", "Scheduler", "FeatureExtractor", "ImageProcessor")
 
 
-def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"fp32"``/``"fp16"``/``"bf16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError("model.dtype", f"unknown dtype {dtype!r}.", list(DTYPES))
-    return DTYPES[dtype]
-
-
 def _check_family(family: str, allowed=FAMILIES) -> None:
     if family not in allowed:
         raise ConfigError("model.family", f"unknown family {family!r}.", allowed)
-
-
-def _scheduler_class(name: str | None):
-    """Validate a scheduler override (a diffusers class name, e.g. ``EulerDiscreteScheduler``)."""
-    if name is None:
-        return None
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        allowed = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
-        raise ConfigError("model.loader.scheduler", f"unknown scheduler {name!r}.", allowed)
-    return cls
-
-
-def _set_scheduler(pipe, name: str | None) -> None:
-    cls = _scheduler_class(name)
-    if cls is not None:
-        # from_config keeps the model's betas / timestep spacing / prediction type.
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-        log.info("Scheduler overridden <model.loader.scheduler=%s>", name)
 
 
 class HubPipeline:
@@ -119,7 +89,7 @@ class HubPipeline:
         self.drop_t5 = bool(drop_t5)
         self.safety_checker = bool(safety_checker)
         self.gated = bool(gated)
-        _scheduler_class(scheduler)  # fail at instantiation, before any loading
+        scheduler_class(scheduler)  # fail at instantiation, before any loading
 
     # -- pre-flight ---------------------------------------------------------------------------
     def _skipped(self) -> set[str]:
@@ -230,7 +200,7 @@ class HubPipeline:
             )
         log.info("Loading %s from %s <model.loader.repo_id=%s>", cls.__name__, root, self.repo_id)
         pipe = cls.from_pretrained(str(root), **kwargs)
-        _set_scheduler(pipe, self.scheduler)
+        set_scheduler(pipe, self.scheduler)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)  # the runner shows its own progress
         pipe.edm_family = family
@@ -318,7 +288,7 @@ def full_pipeline(
     """
     import diffusers
 
-    from edm.models.tiny import _tokenizer, clip_text_encoder, default_scheduler, tiny_vae
+    from edm.models.components import clip_text_encoder, default_scheduler, tiny_vae, tokenizer
 
     spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
     denoiser = build_denoiser(spec, device=device, dtype=dtype, seed=seed)
@@ -337,7 +307,7 @@ def full_pipeline(
                 seed=seed + 10 + i,
             )
 
-    common = {"scheduler": default_scheduler(spec.family), "tokenizer": _tokenizer()}
+    common = {"scheduler": default_scheduler(spec.family), "tokenizer": tokenizer()}
     if spec.family in ("sd15", "sd21"):
         pipe = diffusers.StableDiffusionPipeline(
             unet=denoiser,
@@ -354,7 +324,7 @@ def full_pipeline(
             vae=tiny_vae(4, levels=4, seed=seed + 1),
             text_encoder=te(0, False),
             text_encoder_2=te(1, True),
-            tokenizer_2=_tokenizer("!"),
+            tokenizer_2=tokenizer("!"),
             **common,
         )
     else:
@@ -363,7 +333,7 @@ def full_pipeline(
             vae=tiny_vae(16, levels=4, sd3=True, seed=seed + 1),
             text_encoder=te(0, True),
             text_encoder_2=te(1, True),
-            tokenizer_2=_tokenizer("!"),
+            tokenizer_2=tokenizer("!"),
             text_encoder_3=None,
             tokenizer_3=None,
             **common,
