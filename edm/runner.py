@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from edm import perf
 from edm.data.prompts import assign_seeds, shard
-from edm.errors import MissingWeightsError
 from edm.eval.base import ImageSet
+from edm.eval.weights import preflight
 from edm.generate import generate, time_batches
 from edm.io import write_json, write_text
 from edm.methods.base import ApplyContext, Method, MethodReport
@@ -50,17 +50,7 @@ def build_evaluators(cfg: DictConfig) -> tuple[dict, list[str]]:
         k: instantiate(v) for k, v in cfg.eval.items()
         if isinstance(v, DictConfig) and v.get("_target_")
     }
-    skipped = []
-    for name, ev in list(evaluators.items()):
-        try:
-            ev.check()
-        except MissingWeightsError as e:
-            if not cfg.eval.get("skip_unavailable", False):
-                raise
-            log.warning("Skipping evaluator %s <eval.skip_unavailable=true>: %s", name, e)
-            skipped.append(name)
-            del evaluators[name]
-    return evaluators, skipped
+    return preflight(evaluators, bool(cfg.eval.get("skip_unavailable", False)))
 
 
 def _inputs_hash(cfg: DictConfig, images: ImageSet) -> str:
@@ -97,6 +87,9 @@ def _evaluate(cfg, evaluators, images: ImageSet, out_dir: Path) -> tuple[dict, d
     return metrics, per_image, key
 
 
+PROVENANCE_KEYS = ("model", "method", "gen", "sparsity", "seed")
+
+
 def _flat(node, prefix="") -> dict:
     out = {}
     for k, v in node.items():
@@ -106,6 +99,14 @@ def _flat(node, prefix="") -> dict:
         elif not isinstance(v, list):
             out[key] = v
     return out
+
+
+def flat_config(resolved: dict) -> dict:
+    """The config values tables match runs on (``run.config`` of metrics.json and of W&B
+    records alike): model/method/gen/sparsity/seed flattened to dotted keys, without loader
+    paths and ``_target_`` class names."""
+    flat = _flat({k: resolved[k] for k in PROVENANCE_KEYS if k in resolved})
+    return {k: v for k, v in flat.items() if not k.startswith("model.loader") and "_target_" not in k}
 
 
 def generation_protocol(cfg: DictConfig, pipe=None) -> dict:
@@ -143,10 +144,8 @@ def _provenance(cfg: DictConfig) -> dict:
         overrides = list(hc.overrides.task)
     except ValueError:  # run() called without Hydra (tests, notebooks)
         choices, overrides = {}, []
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    flat = _flat({k: resolved[k] for k in ("model", "method", "gen", "sparsity", "seed")})
-    flat = {k: v for k, v in flat.items() if not k.startswith("model.loader") and "_target_" not in k}
-    return {"choices": choices, "overrides": overrides, "config": flat}
+    return {"choices": choices, "overrides": overrides,
+            "config": flat_config(OmegaConf.to_container(cfg, resolve=True))}
 
 
 def tracker_config(cfg: DictConfig) -> dict:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from edm.runner import flat_config
+
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "paper_tables.yaml"
 
@@ -38,29 +40,17 @@ def load_results(root: Path) -> list[dict]:
     return out
 
 
-def _flat(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in node.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif not isinstance(v, list):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def wandb_record(run) -> dict:
     """A W&B run (``.config``, ``.summary``, ``.url``) as a metrics.json-shaped record.
 
     The runner logs the resolved config as nested dicts plus ``provenance`` (Hydra group choices
     and CLI overrides, which the config alone lacks: ``method=tome_c`` resolves to
     ``method.name=tome``); the summary holds the flat ``eval/...`` scalars. The record's
-    ``run.config`` is flattened like ``edm.runner._provenance`` so ``value_of`` reads both alike.
+    ``run.config`` is flattened by the runner's own ``flat_config`` so ``value_of`` reads both alike.
     Runs logged without ``provenance`` fall back to ``experiment_name`` and ``method.name``.
     """
     cfg = dict(run.config)
-    resolved = {k: cfg[k] for k in ("model", "method", "gen", "sparsity", "seed") if k in cfg}
-    flat = {k: v for k, v in _flat(resolved).items()
-            if not k.startswith("model.loader") and "_target_" not in k}
+    flat = flat_config(cfg)
     prov = cfg.get("provenance") or {}
     choices = prov.get("choices") or {"experiment": cfg.get("experiment_name"),
                                       "method": (cfg.get("method") or {}).get("name")}
