@@ -47,14 +47,17 @@ def dsnot_mask(
     Args:
         W: [rows, cols] weight. init_score / wanda_score: [rows, cols], lower = less important.
         sum_x: [cols] per-sample sum over tokens of x_j (mean over samples). var_x: [cols].
-        sparsity: per-row fraction for unstructured; ignored for N:M (``nm`` = (n, m)).
+        sparsity: unstructured fraction, initial mask by :func:`row_mask` (a row prunes
+            ``int(cols * sparsity)`` or one more; swaps keep each row's own count); ignored for
+            N:M (``nm`` = (n, m)).
     """
     W = W.float()
     rows, cols = W.shape
     ar = torch.arange(rows, device=W.device).unsqueeze(1)
     mask = nm_mask(init_score, *nm) if nm else row_mask(init_score, sparsity)
-    n_pruned = int(mask[0].sum())
-    if n_pruned in (0, cols):
+    # Per row: when cols * sparsity is fractional, row_mask prunes base or base + 1 per row.
+    n_pruned = mask.sum(1, keepdim=True)
+    if not bool(((n_pruned > 0) & (n_pruned < cols)).any()):
         return mask
     D = W * sum_x.float().unsqueeze(0)
     err = (D * mask).sum(1, keepdim=True)
@@ -73,24 +76,23 @@ def dsnot_mask(
     if nm is None:
         # Kept weights by Wanda importance; negatives (in ascending importance) first, then
         # positives in descending importance, so both ends hold the least important of a sign.
+        # Rows keep different counts, so each row's list is its first n_kept entries; the
+        # padding (that row's pruned weights) sorts after them and is never a candidate.
         n_kept = cols - n_pruned
+        width = int(n_kept.max())
         kept = torch.sort(wanda_score.masked_fill(mask, float("inf")), dim=1, stable=True).indices
-        kept = kept[:, :n_kept]
-        pos = torch.arange(n_kept, device=W.device).expand(rows, -1)
-        key = torch.where(D.gather(1, kept) > 0, 2 * n_kept - pos, pos)
+        kept = kept[:, :width]
+        pos = torch.arange(width, device=W.device).expand(rows, -1)
+        key = torch.where(D.gather(1, kept) > 0, 2 * width - pos, pos)
+        key = key.masked_fill(pos >= n_kept, 3 * width)
         prune_order = kept.gather(1, torch.sort(key, dim=1, stable=True).indices)
-        p_ptr = torch.stack(
-            [
-                torch.zeros(rows, dtype=torch.long, device=W.device),
-                torch.full((rows,), n_kept - 1, device=W.device),
-            ],
-            1,
-        )
+        p_ptr = torch.cat([torch.zeros_like(n_kept), n_kept - 1], 1)
+        p_last = (n_kept - 1).clamp_min(0)
     else:
         m = nm[1]
         init_left = init_score.float().masked_fill(mask, float("inf"))
         used = init_left.masked_fill(mask, 0).max() + 1  # larger than any kept score
-    active = torch.ones(rows, 1, dtype=torch.bool, device=W.device)
+    active = n_pruned < cols  # a fully pruned row has nothing left to prune
     for _ in range(max_cycle_time):
         if not bool(active.any()):
             break
@@ -99,7 +101,8 @@ def dsnot_mask(
         r_ptr.scatter_add_(1, up, 1 - 2 * up)  # low end moves right, high end moves left
         if nm is None:
             down = (err < 0).long()  # err < 0: prune a positive-D weight (high end)
-            prune = prune_order.gather(1, p_ptr.gather(1, down).clamp(0, prune_order.shape[1] - 1))
+            at = torch.minimum(p_ptr.gather(1, down).clamp_min(0), p_last)
+            prune = prune_order.gather(1, at)
             p_ptr.scatter_add_(1, down, 1 - 2 * down)
         else:
             start = regrow - regrow % m

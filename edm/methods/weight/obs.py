@@ -19,6 +19,12 @@ from edm.methods.weight.masks import global_mask, nm_mask
 
 log = logging.getLogger(__name__)
 
+# How the unstructured solver picks each block's mask. "exact" removes int(numel * sparsity)
+# entries, so the measured sparsity is the requested one; "reference" thresholds like the
+# official SparseGPT / OBS-Diff code (score <= sorted[k]), one entry more and every tie, for
+# bit-parity with published numbers.
+MASK_RULES = ("exact", "reference")
+
 
 def hinv_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
     """Upper Cholesky factor U of ``(H + damp I)^-1`` with ``U^T U = (H + damp I)^-1``.
@@ -30,7 +36,9 @@ def hinv_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -
         max_tries: on a Cholesky failure the damping is multiplied by 10 and retried (logged).
     """
     idx = torch.arange(H.shape[0], device=H.device)
-    mean_diag = torch.mean(torch.diagonal(H))
+    # torch.diag copies: its mean sums in the reference code's order (a strided diagonal view
+    # differs in the last bit, which the sweep then amplifies).
+    mean_diag = torch.mean(torch.diag(H))
     for attempt in range(max_tries):
         damp = percdamp * (10**attempt) * mean_diag
         Hd = H.clone()
@@ -72,6 +80,7 @@ def obs_prune(
     prunem: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    mask_rule: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and compensate one layer with column-block OBS.
 
@@ -79,15 +88,19 @@ def obs_prune(
         W: [rows, cols] weight (any dtype; solved in fp32, not modified).
         H: [cols, cols] Hessian of the layer input, fp32 (not modified).
         sparsity: fraction of weights to remove. Unstructured: exactly ``int(rows * B * sparsity)``
-            per block of B columns, chosen adaptively on the *compensated* block by the OBS
-            saliency ``w^2 / diag(U)^2``. Ignored for N:M.
+            per block of B columns (``mask_rule="exact"``), chosen adaptively on the *compensated*
+            block by the OBS saliency ``w^2 / diag(U)^2``. Ignored for N:M.
         prunen, prunem: N:M pattern (prune N of each M consecutive columns per row); 0 = off.
         blocksize: columns per lazy-update block (reference 128; also the mask window).
         percdamp: Hessian damping, fraction of mean(diag H).
+        mask_rule: unstructured only, see ``MASK_RULES``: ``exact`` as above, or ``reference``
+            (``score <= sorted(score)[int(numel * sparsity)]``: at least one weight more per block).
 
     Returns:
         (W_hat fp32 [rows, cols], mask bool [rows, cols], True = pruned by the solver).
     """
+    if mask_rule not in MASK_RULES:
+        raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}")
     W, H, _ = prepare_hessian(W, H)
     cols = W.shape[1]
     U = hinv_cholesky(H, percdamp)
@@ -102,7 +115,11 @@ def obs_prune(
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diagonal(U1)
         if prunen == 0:
-            mask1 = global_mask(W1.square() / d1.square(), sparsity)
+            score = W1.square() / d1.square()
+            if mask_rule == "reference":
+                mask1 = score <= torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
+            else:
+                mask1 = global_mask(score, sparsity)
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
 

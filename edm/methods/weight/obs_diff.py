@@ -14,7 +14,7 @@ from edm.errors import ConfigError
 from edm.families import adapter
 from edm.methods.base import ApplyContext, MethodReport
 from edm.methods.weight.base_weight import PruningMethod, _peak_memory_gb, write_weight
-from edm.methods.weight.obs import obs_prune
+from edm.methods.weight.obs import MASK_RULES, obs_prune
 
 GRANULARITIES = ("unstructured", "structured")
 
@@ -34,6 +34,10 @@ class OBSDiff(PruningMethod):
             for UNets (Table 3's 1.91 B / 4.70 T are reproduced only with every block pruned).
         no_compensate: structured only; remove columns without the OBS weight update (ablation).
         rrf_k: structured MMDiT only; reciprocal-rank-fusion constant for joint heads (60).
+        mask_rule: unstructured only. ``exact`` (default): each 128-column block loses exactly
+            ``int(numel * sparsity)`` weights, so methods compare at the requested sparsity.
+            ``reference``: the official ``fasterprune`` threshold ``score <= sorted[k]``, which
+            removes one more (and every tie); output is then bit-identical to the official code.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class OBSDiff(PruningMethod):
         exclude_first_last: bool | None = None,
         no_compensate: bool = False,
         rrf_k: int = 60,
+        mask_rule: str = "exact",
         name: str = "obs_diff",
         **kwargs,
     ):
@@ -58,6 +63,8 @@ class OBSDiff(PruningMethod):
                 "pattern=unstructured with granularity=structured.",
                 ["unstructured"],
             )
+        if mask_rule not in MASK_RULES:
+            raise ConfigError("method.mask_rule", f"unknown {mask_rule!r}.", MASK_RULES)
         if not float(percdamp) > 0:
             raise ConfigError("method.percdamp", f"must be > 0, got {percdamp}.")
         if int(blocksize) < 1 or (self.nm and int(blocksize) % self.nm[1]):
@@ -71,10 +78,14 @@ class OBSDiff(PruningMethod):
         self.exclude_first_last = None if exclude_first_last is None else bool(exclude_first_last)
         self.no_compensate = bool(no_compensate)
         self.rrf_k = int(rrf_k)
+        self.mask_rule = str(mask_rule)
 
     def prune_layer(self, name: str, module: nn.Module, stat) -> None:
         n, m = self.nm or (0, 0)
-        W, _ = obs_prune(module.weight, stat.H, self.sparsity, n, m, self.blocksize, self.percdamp)
+        W, _ = obs_prune(
+            module.weight, stat.H, self.sparsity, n, m, self.blocksize, self.percdamp,
+            self.mask_rule,
+        )
         stat.free()  # the Hessian is not needed any more; free it before the next layer
         write_weight(module, W)
 

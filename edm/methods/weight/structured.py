@@ -31,6 +31,7 @@ __all__ = [
     "obs_prune_structured",
     "reciprocal_rank_fusion",
     "reconstruction_error",
+    "rrf_pick",
 ]
 
 
@@ -174,6 +175,15 @@ def reciprocal_rank_fusion(rankings: list[list[int]], k: int = 60) -> dict[int, 
     return fused
 
 
+def rrf_pick(rankings: list[list[int]], k: int = 60) -> int:
+    """The item with the highest fused score; ties go to the item met first, i.e. ranked better
+    in the first ranking (the image stream). The official code takes the head of
+    ``sorted(fused, key=fused.get, reverse=True)``, a stable sort over the dict's insertion
+    order; ``max`` returns the first maximum in that same order."""
+    fused = reciprocal_rank_fusion(rankings, k)
+    return max(fused, key=fused.__getitem__)
+
+
 def obs_prune_heads_joint(
     Ws: list[torch.Tensor],
     Hs: list[torch.Tensor],
@@ -187,8 +197,8 @@ def obs_prune_heads_joint(
 
     Each stream (``to_out.0`` with the image-token Hessian, ``to_add_out`` with the text-token
     Hessian) ranks the surviving heads by Eq. 7 on its own; the rankings are fused with
-    :func:`reciprocal_rank_fusion` and the head with the highest fused score is removed from
-    every stream, each compensated with its own Hessian.
+    :func:`reciprocal_rank_fusion` and the head with the highest fused score (:func:`rrf_pick`, ties
+    as the official code) is removed from every stream, each compensated with its own Hessian.
 
     Args:
         Ws, Hs: per-stream consumer weights ``[rows_s, heads*head_dim]`` and input Hessians.
@@ -213,9 +223,7 @@ def obs_prune_heads_joint(
             invs.append(Hinv)
             scores.append(s)
             rankings.append(torch.argsort(s).tolist())
-        fused = reciprocal_rank_fusion(rankings, k=rrf_k)
-        # Highest fused score; ties broken by the lower local index, for determinism.
-        local = max(sorted(fused), key=lambda j: fused[j])
+        local = rrf_pick(rankings, k=rrf_k)
         score += float(sum(s[local] for s in scores))
         for (W, _), Hinv in zip(prepared, invs):
             Wa = W[:, cols]
