@@ -37,11 +37,12 @@ from collections.abc import Callable
 
 import torch
 
-from edm.eval.flops import meta_denoiser_flops
+from edm.eval.flops import bisect_to_flops, meta_pipe, trajectory_flops
+from edm.families import adapter
 from edm.methods.base import ApplyContext
 from edm.methods.token.atedm import ATEDM
-from edm.perf import cuda_clock
 from edm.models import archs
+from edm.perf import cuda_clock
 
 NO_DSAP = {"enabled": False}  # one call = a late denoising step
 
@@ -53,9 +54,8 @@ class Bench:
         self.arch, self.size, self.batch, self.dtype = arch, size, batch, dtype
         self.device = device
         self.family = archs.arch_spec(arch).family
-        self.meta = archs.build_denoiser(arch)
-        self.meta_inputs = archs.sample_inputs(arch, size, size, batch)
-        self.meta_inputs["timestep"] = 500
+        self.meta_pipe, self.meta_inputs = meta_pipe(arch, size, size, batch)
+        self.meta = adapter(self.family).denoiser(self.meta_pipe)
         self.flops_cache: dict[str, float] = {}
         self.target: float | None = None  # FLOPs of the at_edm row
 
@@ -64,29 +64,18 @@ class Bench:
         return types.SimpleNamespace(**{attr: denoiser}, scheduler=None, edm_family=self.family)
 
     def flops(self, method) -> float:
-        if method is None:
-            return float(meta_denoiser_flops(self.meta, self.meta_inputs))
-        pipe = self.pipe(self.meta)
-        # the timed inputs are a CFG batch (equal latent halves); on meta it must be said
-        method.apply(pipe, ApplyContext(family=self.family, meta_cfg_batch=True))
-        try:
-            return float(meta_denoiser_flops(self.meta, self.meta_inputs))
-        finally:
-            method.remove(pipe)
+        # one late-step call (the rows run without DSAP); the timed inputs are a CFG batch
+        # (equal latent halves), which on meta must be declared
+        return trajectory_flops(self.meta_pipe, self.meta_inputs, method, num_steps=1,
+                                cfg_batch=True)
 
     def match(
         self, make: Callable[[float], object], lo: float, hi: float, iters: int = 7
     ) -> float:
         """Parameter in [lo, hi] whose method has the FLOPs of the ``at_edm`` row (monotone)."""
         assert self.target is not None, "the at_edm row must come first"
-        best = (hi, abs(self.flops(make(hi)) - self.target))
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            f = self.flops(make(mid))
-            if abs(f - self.target) < best[1]:
-                best = (mid, abs(f - self.target))
-            lo, hi = (mid, hi) if f > self.target else (lo, mid)
-        return round(best[0], 4)
+        x, _ = bisect_to_flops(lambda r: self.flops(make(r)), self.target, lo, hi, iters=iters)
+        return x
 
 
 def _profile(bench: Bench) -> str | bool:

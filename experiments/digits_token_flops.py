@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DEFAULT_GRID = (
     ["method=none"]
-    + [f"method=at_edm method.prune_ratio={r} method.dsap.enabled={d}"
+    + [f"method=at_edm method.assignment=attention method.prune_ratio={r} method.dsap.enabled={d}"
        for d in ("true", "false") for r in (0.3, 0.4, 0.5, 0.6, 0.7)]
     + [f"method=tome method.max_downsample=2 method.ratio={r} method.merge_crossattn={c} method.merge_mlp={m}"
        for c, m in (("false", "false"), ("true", "true"))
@@ -32,22 +32,15 @@ DEFAULT_GRID = (
 def gflops(overrides: list[str]) -> float:
     """``perf/gflops_per_step`` (CFG batch included, averaged over the trajectory) of one setting."""
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from edm import perf
+    from edm import configs, perf
     from edm.data.prompts import assign_seeds
     from edm.methods.base import ApplyContext
     from edm.runner import build_method
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none", "data.num_prompts=1", *overrides],
-                      return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
+    cfg = configs.compose("logger=none", "data.num_prompts=1", *overrides)
     method = build_method(cfg)
     pipe = instantiate(cfg.model.loader).load(family=cfg.model.family, dtype="fp32", device="cpu")
     gen = OmegaConf.to_container(cfg.gen, resolve=True)

@@ -15,80 +15,37 @@ both attention levels (``max_downsample=4``) and tune the ratio. Budget a needs 
 from __future__ import annotations
 
 import argparse
-import types
-from pathlib import Path
 
-import yaml
-
-from edm.eval.flops import meta_denoiser_flops
-from edm.methods.base import ApplyContext
+from edm import configs
+from edm.eval.flops import bisect_to_flops, meta_pipe, trajectory_flops
 from edm.methods.token.tome import ToMe
-from edm.models import archs
 
 BUDGETS_T = {"a": 2.9, "b": 3.6, "c": 4.1, "d": 4.6}  # paper: ToMe-a..d, Ave. TFLOPs/step
 SETTING = {"max_downsample": 4, "merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
-CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 
 
-def sdxl_meta(height: int = 1024, width: int = 1024):
-    """The meta SD-XL UNet, a pipe-like holder for ``Method.apply`` and one call's inputs."""
-    unet = archs.build_denoiser("sdxl")
-    inputs = archs.sample_inputs("sdxl", height=height, width=width, batch_size=1)
-    inputs["timestep"] = (
-        500  # a python number: the step tracker reads it (a meta tensor has no value)
-    )
-    return types.SimpleNamespace(unet=unet, scheduler=None, edm_family="sdxl"), inputs
+def sdxl_meta():
+    """The meta SD-XL UNet in a pipe-like holder and one batch-1 1024² call's inputs."""
+    return meta_pipe("sdxl")
 
 
-def tome_flops(pipe, inputs, **tome_kwargs) -> int:
-    """FLOPs of one denoiser call with ``ToMe(**tome_kwargs)`` applied (dense when empty)."""
-    if not tome_kwargs:
-        return meta_denoiser_flops(pipe.unet, inputs)
-    method = ToMe(**tome_kwargs)
-    method.apply(pipe, ApplyContext(family="sdxl"))
-    try:
-        return meta_denoiser_flops(pipe.unet, inputs)
-    finally:
-        method.remove(pipe)
+def tome_flops(pipe, inputs, method: ToMe | None = None, **tome_kwargs) -> float:
+    """FLOPs per call of ``method`` (or ``ToMe(**tome_kwargs)``; dense when neither), averaged
+    over a trajectory (the budget configs merge at a constant ratio: no DSAP)."""
+    if method is None and tome_kwargs:
+        method = ToMe(**tome_kwargs)
+    return trajectory_flops(pipe, inputs, method)
 
 
-def find_ratio(pipe, inputs, target_t: float, iters: int = 9) -> tuple[float, int]:
-    """Bisect the merge ratio (FLOPs fall monotonically with it) to the nearest count."""
-    lo, hi = 0.0, 0.75
-    best = (hi, tome_flops(pipe, inputs, ratio=hi, **SETTING))
-    if best[1] >= target_t * 1e12:
-        return best  # the budget is below what the maximum ratio reaches
-    for _ in range(iters):
-        mid = round((lo + hi) / 2, 4)
-        f = tome_flops(pipe, inputs, ratio=mid, **SETTING)
-        if abs(f - target_t * 1e12) < abs(best[1] - target_t * 1e12):
-            best = (mid, f)
-        lo, hi = (mid, hi) if f > target_t * 1e12 else (lo, mid)
-    return best
+def find_ratio(pipe, inputs, target_t: float, iters: int = 9) -> tuple[float, float]:
+    """Bisect the merge ratio (FLOPs fall monotonically with it) to the budget."""
+    return bisect_to_flops(lambda r: tome_flops(pipe, inputs, ratio=r, **SETTING),
+                           target_t * 1e12, 0.0, 0.75, iters=iters)
 
 
-def committed(name: str) -> dict:
-    """The ToMe arguments of ``conf/method/tome_<name>.yaml`` (its ``defaults: [tome]`` merged)."""
-    cfg = yaml.safe_load((CONF / "tome.yaml").read_text())
-    cfg.update(
-        {
-            k: v
-            for k, v in yaml.safe_load((CONF / f"tome_{name}.yaml").read_text()).items()
-            if k != "defaults"
-        }
-    )
-    return {
-        k: cfg[k]
-        for k in (
-            "ratio",
-            "max_downsample",
-            "sx",
-            "sy",
-            "merge_attn",
-            "merge_crossattn",
-            "merge_mlp",
-        )
-    }
+def committed(name: str) -> ToMe:
+    """The method ``python run.py model=sdxl method=tome_<name>`` applies (composed by Hydra)."""
+    return configs.method("model=sdxl", f"method=tome_{name}")
 
 
 def main() -> None:
@@ -104,8 +61,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, target in BUDGETS_T.items():
         if args.check:
-            kw = committed(name)
-            ratio, flops = kw["ratio"], tome_flops(pipe, inputs, **kw)
+            m = committed(name)
+            ratio, flops = m.ratio, tome_flops(pipe, inputs, m)
         else:
             ratio, flops = find_ratio(pipe, inputs, target)
         print(

@@ -447,17 +447,13 @@ def test_cfg_batch_maps_the_cond_half_only(pipes, monkeypatch, family, assignmen
 
 def test_meta_cfg_batch_counts_one_map_per_pair():
     """FLOPs on meta: a CFG batch (``meta_cfg_batch``) counts the cond half's maps only."""
-    import sys
-    from pathlib import Path
+    from edm.eval.flops import meta_pipe, trajectory_flops
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from atedm_budgets import avg_step_flops, sdxl_meta
-
-    pipe, inputs = sdxl_meta(256, 256, batch=2)
+    pipe, inputs = meta_pipe("sdxl", 256, 256, batch=2)
     counts = []
     for cfg in (False, True):
         m = ATEDM(prune_ratio=0.63, dsap=NO_DSAP)
-        counts.append(avg_step_flops(pipe, inputs, m, cfg_batch=cfg))
+        counts.append(trajectory_flops(pipe, inputs, m, cfg_batch=cfg))
     assert counts[1] < counts[0]
 
 
@@ -569,15 +565,11 @@ def test_configs_instantiate(compose_cfg, name):
 
 def test_meta_flops_drop_on_a_full_size_unet():
     """Kernel and wiring run on the meta device and FLOPs drop (SDXL architecture, 256²)."""
-    import sys
-    from pathlib import Path
+    from edm.eval.flops import meta_pipe, trajectory_flops
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from atedm_budgets import avg_step_flops, sdxl_meta
-
-    pipe, inputs = sdxl_meta(256, 256)
-    dense = avg_step_flops(pipe, inputs, None)
-    f63 = avg_step_flops(pipe, inputs, ATEDM(prune_ratio=0.63, dsap=NO_DSAP))
+    pipe, inputs = meta_pipe("sdxl", 256, 256)
+    dense = trajectory_flops(pipe, inputs, None)
+    f63 = trajectory_flops(pipe, inputs, ATEDM(prune_ratio=0.63, dsap=NO_DSAP))
     assert f63 < 0.8 * dense
 
 
@@ -588,11 +580,13 @@ def test_sdxl_budgets_match_the_paper():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from atedm_budgets import PAPER_T, avg_step_flops, committed, sdxl_meta
+    from atedm_budgets import PAPER_T, committed
 
-    pipe, inputs = sdxl_meta()
-    dense = avg_step_flops(pipe, inputs, None) / 1e12
+    from edm.eval.flops import meta_pipe, trajectory_flops
+
+    pipe, inputs = meta_pipe("sdxl")
+    dense = trajectory_flops(pipe, inputs, None) / 1e12
     assert abs(dense / PAPER_T["dense"] - 1) < 0.03
     for name in ("at_edm", "at_edm_a", "at_edm_b", "at_edm_c", "at_edm_d"):
-        f = avg_step_flops(pipe, inputs, ATEDM(**committed(name))) / 1e12
+        f = trajectory_flops(pipe, inputs, committed(name)) / 1e12
         assert abs(f / PAPER_T[name] - 1) < 0.03, (name, f)

@@ -308,6 +308,6 @@ def test_sdxl_budget_configs_within_3_percent(budget):
     import tome_budgets
 
     pipe, inputs = tome_budgets.sdxl_meta()
-    flops = tome_budgets.tome_flops(pipe, inputs, **tome_budgets.committed(budget))
+    flops = tome_budgets.tome_flops(pipe, inputs, tome_budgets.committed(budget))
     target = tome_budgets.BUDGETS_T[budget] * 1e12
     assert abs(flops / target - 1) < 0.03, (budget, flops / 1e12)

@@ -239,3 +239,69 @@ def analytic_mmdit_flops(config: dict[str, Any], height: int, width: int, contex
             macs += n_img * 4 * d * d + 2 * n_img * n_img * d
     macs += d * 2 * d + n_img * d * p * p * c_out  # final AdaLN + projection
     return 2 * macs
+
+
+def meta_pipe(arch: str, height: int | None = None, width: int | None = None, batch: int = 1):
+    """A full-size denoiser on the meta device in a pipe-like holder, and one call's inputs.
+
+    ``Method.apply`` needs only the denoiser attribute, ``scheduler`` (the family's default, for
+    :func:`trajectory_flops`) and ``edm_family``; nothing is allocated.
+    """
+    import types
+
+    from edm.models import archs
+    from edm.models.components import default_scheduler
+
+    spec = archs.arch_spec(arch)
+    denoiser = archs.build_denoiser(arch)
+    inputs = archs.sample_inputs(arch, height=height, width=width, batch_size=batch)
+    attr = "unet" if spec.is_unet else "transformer"
+    pipe = types.SimpleNamespace(**{attr: denoiser}, scheduler=default_scheduler(spec.family),
+                                 edm_family=spec.family)
+    return pipe, inputs
+
+
+def trajectory_flops(pipe, inputs: dict[str, Any], method=None, num_steps: int = 10,
+                     cfg_batch: bool = False) -> float:
+    """Average FLOPs per denoiser call over a ``num_steps`` trajectory with ``method`` applied.
+
+    Step-dependent methods (DSAP) differ only in their first ``tau`` steps, so those are counted
+    one by one and the rest once. ``cfg_batch``: the inputs are a classifier-free-guidance pair
+    (on meta, latents have no values to detect it from).
+    """
+    from edm.methods.base import ApplyContext
+
+    denoiser = _denoiser_of(pipe)
+    if method is None:
+        return float(meta_denoiser_flops(denoiser, inputs))
+    dsap = getattr(method, "dsap", None)
+    tau = min(dsap.tau(num_steps), num_steps - 1) if dsap is not None and dsap.enabled else 0
+    pipe.scheduler.set_timesteps(num_steps)
+    method.apply(pipe, ApplyContext(family=pipe.edm_family, meta_cfg_batch=cfg_batch))
+    try:
+        counts = []
+        for t in pipe.scheduler.timesteps[: tau + 1]:  # the step tracker counts these calls
+            call = dict(inputs, timestep=torch.full_like(inputs["timestep"], float(t)))
+            counts.append(float(meta_denoiser_flops(denoiser, call)))
+    finally:
+        method.remove(pipe)
+    return (sum(counts[:tau]) + (num_steps - tau) * counts[tau]) / num_steps
+
+
+def bisect_to_flops(flops_of, target: float, lo: float, hi: float, iters: int = 10,
+                    digits: int = 4) -> tuple[float, float]:
+    """The parameter in ``[lo, hi]`` whose FLOPs are nearest ``target``, by bisection.
+
+    ``flops_of(x)`` must fall monotonically with ``x`` (a pruning or merge ratio). Returns
+    ``(x, flops_of(x))``; ``hi`` itself when even it stays above the target.
+    """
+    best = (hi, flops_of(hi))
+    if best[1] >= target:
+        return best
+    for _ in range(iters):
+        mid = round((lo + hi) / 2, digits)
+        f = flops_of(mid)
+        if abs(f - target) < abs(best[1] - target):
+            best = (mid, f)
+        lo, hi = (mid, hi) if f > target else (lo, mid)
+    return best
