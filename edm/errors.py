@@ -42,3 +42,17 @@ class UnsupportedFamily(EdmError, NotImplementedError):
 
 class NothingPatchedError(EdmError, RuntimeError):
     """A runtime method matched no module: a silent no-op is a bug, so it is an error."""
+
+
+class DamagedImageError(EdmError, OSError):
+    """An image file does not decode or is not the image it should be (truncated, zero bytes,
+    wrong size or mode). ``path`` names the file, ``reason`` says what is wrong; the fix is to
+    rerun generation, which regenerates damaged images from their seeds."""
+
+    def __init__(self, path: object, reason: str = "damaged"):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"Damaged image {self.path}: {reason}. Rerun generation (same config) "
+                         f"to regenerate it from its seed.")
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return type(self), (self.path, self.reason)

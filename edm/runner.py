@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from edm import perf
 from edm.data.prompts import assign_seeds, shard
-from edm.eval.base import ImageSet
+from edm.eval.base import MISSING, ImageSet
 from edm.eval.weights import preflight
 from edm.generate import generate, time_batches
 from edm.io import write_json, write_text
@@ -198,6 +198,7 @@ def _load_apply_generate(cfg, method, loader, items, gen, images_dir, device, dt
     if stats.sec_per_image is not None:
         metrics["perf/sec_per_image"] = stats.sec_per_image
     metrics["perf/images_generated"] = float(stats.generated)
+    metrics["perf/images_repaired"] = float(stats.repaired)  # damaged files regenerated
     # Read before FLOPs counting: its meta-device calls are not generation.
     metrics.update({f"method/{k}": float(v) for k, v in method.run_metrics().items()})
     metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(device).items()})
@@ -259,20 +260,29 @@ def run(cfg: DictConfig) -> float:
             log.info("Evaluation only <gen.enabled=false>: images from %s", images_dir)
 
         # 4. Evaluate once every image of the (unsharded) prompt set exists.
-        full = ImageSet(images_dir, all_items)
+        full = ImageSet(images_dir, all_items, size=(gen["width"], gen["height"]))
         per_image: dict = {}
         eval_hash = None
-        missing = full.missing()
         sharded_job = gen["enabled"] and gen["num_shards"] > 1
         if sharded_job:  # the eval-only job (gen.enabled=false) evaluates the union once
+            # existence only: decoding the other shards' images is the eval job's work
+            missing = [it.index for it, p in zip(all_items, full.paths) if not p.exists()]
             log.info("Shard %d/%d done; evaluate with gen.enabled=false once all shards finished",
                      gen["shard"], gen["num_shards"])
-        elif evaluators and not missing:
-            ev, per_image, eval_hash = _evaluate(cfg, evaluators, full, out_dir)
-            metrics.update(ev)
-        elif evaluators:
-            log.info("Not evaluating: %d of %d images missing (other shards still running?)",
-                     len(missing), len(full))
+        else:
+            problems = full.problems()  # absent or damaged: evaluation never reads those
+            missing = sorted(problems)
+            damaged = {i: r for i, r in problems.items() if r != MISSING}
+            if damaged:
+                shown = "; ".join(f"{i:06d}: {r}" for i, r in list(damaged.items())[:20])
+                log.warning("%d damaged images in %s (rerun generation to repair): %s",
+                            len(damaged), images_dir, shown)
+            if evaluators and not missing:
+                ev, per_image, eval_hash = _evaluate(cfg, evaluators, full, out_dir)
+                metrics.update(ev)
+            elif evaluators:
+                log.info("Not evaluating: %d of %d images missing or damaged (other shards "
+                         "still running?)", len(missing), len(full))
         metrics["perf/run_seconds"] = time.perf_counter() - t_start
 
         # 5. Log.

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from edm.errors import ConfigError, MissingWeightsError
-from edm.eval.base import ImageSet
+from edm.eval.base import ImageSet, read_image
 from edm.eval.weights import cached_hf_file, fetch_hint_hf, require_file
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class CLIPScore:
         for s in range(0, len(paths), self.batch_size):
             pil = []
             for p in paths[s : s + self.batch_size]:
-                with Image.open(p) as im:
+                with read_image(p) as im:  # DamagedImageError names a file that won't decode
                     pil.append(im.convert("RGB"))
             scores += self.score(prompts[s : s + self.batch_size], pil).tolist()
         mean = sum(scores) / max(len(scores), 1)

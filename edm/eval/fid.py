@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from edm.errors import ConfigError, MissingWeightsError
-from edm.eval.base import ImageSet
+from edm.eval.base import ImageSet, read_image
 from edm.eval.frechet import frechet_distance
 from edm.eval.weights import require_file
 
@@ -122,7 +122,7 @@ class _FeatureInputs(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as im:
+        with read_image(self.paths[i]) as im:  # DamagedImageError names a file that won't decode
             img = center_crop_resize(im.convert("RGB"), self.resolution)
         arr = np.asarray(img)  # uint8 HWC, as if saved at `resolution`
         arr = self.resize(arr) if self.resize is not None else arr.astype(np.float32)
@@ -335,8 +335,9 @@ class FID:
         missing = images.missing()
         if missing:
             raise FileNotFoundError(
-                f"FID: {len(missing)} of {len(images)} images missing in {images.images_dir} "
-                f"(first: {missing[:5]}); finish all shards before evaluating."
+                f"FID: {len(missing)} of {len(images)} images missing or damaged in "
+                f"{images.images_dir} (first: {missing[:5]}); finish all shards (or rerun "
+                f"generation, which regenerates damaged ones) before evaluating."
             )
         if len(images) < 2:
             raise ValueError("FID needs at least 2 generated images")

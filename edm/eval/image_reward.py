@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from edm.eval.base import ImageSet
+from edm.eval.base import ImageSet, read_image
 from edm.eval.weights import cached_hf_file, require_file, require_hf_file
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class ImageRewardScorer:
             if isinstance(im, Image.Image):
                 pix.append(self.transform(im))
             else:
-                with Image.open(im) as pil:
+                with read_image(im) as pil:  # DamagedImageError names a file that won't decode
                     pix.append(self.transform(pil))
         tok = self.tokenizer(
             list(prompts),
