@@ -4,7 +4,7 @@
   same initial noise under every method (a reused generator silently breaks A/B comparisons).
 * Images are written as ``images_dir/{index:06d}.png`` by write-then-rename; a rerun skips every
   index already on disk *and valid*, so a killed or requeued job resumes without regenerating.
-* Resume checks each existing file (:func:`edm.eval.base.image_problem`: fully decodes, has
+* Resume checks each existing file (:func:`edm.data.images.image_problem`: fully decodes, has
   ``gen.width`` x ``gen.height`` and the pipeline's mode) and regenerates damaged ones (a partial
   rsync, a bad disk) from their own seeds; temp files of killed writers are removed first.
 * Batches are always the fixed slices ``items[k*bs:(k+1)*bs]`` of an uninterrupted run; a slice
@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from edm.data.images import MISSING, PromptItem, image_path, image_problem, probe_images
 from edm.errors import ConfigError
-from edm.eval.base import MISSING, PromptItem, image_path, image_problem, probe_images
 from edm.io import remove_stale_temps, write_png
 
 log = logging.getLogger(__name__)

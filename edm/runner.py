@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from edm import perf
+from edm.data.images import MISSING, ImageSet
 from edm.data.prompts import assign_seeds, shard
-from edm.eval.base import MISSING, ImageSet
 from edm.eval.weights import preflight
 from edm.generate import generate, time_batches
 from edm.io import write_json, write_text

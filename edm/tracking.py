@@ -73,7 +73,7 @@ class WandbLogger:
             return
         import wandb
 
-        from edm.eval.base import image_path
+        from edm.data.images import image_path
 
         rows = sorted(items, key=lambda it: it.index)[: self.image_table]
         pos = {it.index: i for i, it in enumerate(items)}

@@ -19,8 +19,8 @@ import json
 import logging
 from pathlib import Path
 
+from edm.data.images import PromptItem
 from edm.errors import ConfigError
-from edm.eval.base import PromptItem
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ stored in ``meta["label"]`` for ``eval=digits``. Deterministic: no randomness at
 
 from __future__ import annotations
 
+from edm.data.images import PromptItem
 from edm.errors import ConfigError
-from edm.eval.base import PromptItem
 
 
 class DigitPrompts:

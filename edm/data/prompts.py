@@ -11,8 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from edm.data.images import PromptItem
 from edm.errors import ConfigError
-from edm.eval.base import PromptItem
 
 
 def _check_num(key: str, n: int | None) -> None:
