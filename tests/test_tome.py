@@ -20,15 +20,6 @@ tomesd = pytest.importorskip("tomesd")
 from tomesd.merge import bipartite_soft_matching_random2d as tomesd_merge
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread is several times faster and stable.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- kernel
 
 
