@@ -1,8 +1,9 @@
-"""``run(cfg)``: seed -> checks -> load pipeline -> apply method -> generate -> evaluate -> log.
+"""``run(cfg)``: plan (checks) -> load -> apply method -> generate -> measure -> evaluate -> log.
 
-Everything that can fail because of a config value or a missing file is checked before the
-pipeline is loaded, so a bad sweep point fails in seconds. The function returns the primary
-metric as a plain float (picklable for submitit, usable by sweepers).
+Everything that can fail because of a config value or a missing file is checked in
+:func:`plan_run`, before the pipeline is loaded, so a bad sweep point fails in seconds. Each later
+step returns the metrics it measured; ``run`` only collects them. The function returns the
+primary metric as a plain float (picklable for submitit, usable by sweepers).
 """
 
 from __future__ import annotations
@@ -12,19 +13,28 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from edm import perf
-from edm.data.images import MISSING, ImageSet
+from edm.data.images import MISSING, ImageSet, PromptItem
 from edm.data.prompts import assign_seeds, shard
 from edm.eval.weights import preflight
 from edm.generate import generate, time_batches
 from edm.io import write_json, write_text
 from edm.methods.base import ApplyContext, Method, MethodReport
+from edm.records import (
+    generation_protocol,
+    provenance,
+    requested_sparsity,
+    sparsity_was_set,
+    tracker_config,
+)
 from edm.validate import resolve_device, resolve_dtype, validate
 
 log = logging.getLogger(__name__)
@@ -53,6 +63,133 @@ def build_evaluators(cfg: DictConfig) -> tuple[dict, list[str]]:
     return preflight(evaluators, bool(cfg.eval.get("skip_unavailable", False)))
 
 
+@dataclass
+class Plan:
+    """Everything a run needs, built and checked before any model is loaded."""
+
+    cfg: DictConfig
+    out_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    method: Method
+    loader: Any
+    calib: Any
+    evaluators: dict
+    skipped_evaluators: list[str]
+    all_items: list[PromptItem]  # the whole prompt set (evaluation)
+    items: list[PromptItem]  # this job's shard of it (generation)
+    gen: dict
+    logger: Any
+    requested_sparsity: float | None
+
+    @property
+    def images_dir(self) -> Path:
+        return Path(self.gen["images_dir"])
+
+
+def plan_run(cfg: DictConfig) -> Plan:
+    """Step 1: validate, instantiate and pre-flight everything; nothing heavy is loaded."""
+    validate(cfg)
+    setup_backends(cfg)
+    device = resolve_device(cfg.device)
+    log.info("Instantiating method <method=%s>", cfg.method.name)
+    method = build_method(cfg)
+    method.check(cfg.model.family)
+    loader = instantiate(cfg.model.loader)
+    loader.check()
+    data = instantiate(cfg.data)
+    data.check()
+    calib = instantiate(cfg.calib) if cfg.calib.get("_target_") else None
+    if calib is not None and method.kind in ("weights", "compose") and \
+            getattr(method, "needs_calib", True):
+        calib.check()
+    evaluators, skipped = build_evaluators(cfg)
+    all_items = assign_seeds(data.load(), int(cfg.seed))
+    requested = requested_sparsity(cfg)
+    if requested is None and sparsity_was_set(cfg):
+        log.warning("<sparsity=%s> is not used by method=%s (a runtime method: its ratio is a "
+                    "method.* knob); metrics record the ratio it measured instead",
+                    cfg.sparsity, cfg.method.name)
+    return Plan(
+        cfg=cfg, out_dir=Path(cfg.paths.output_dir), device=device,
+        dtype=resolve_dtype(cfg.model.dtype, device), method=method, loader=loader, calib=calib,
+        evaluators=evaluators, skipped_evaluators=skipped, all_items=all_items,
+        items=shard(all_items, int(cfg.gen.shard), int(cfg.gen.num_shards)),
+        gen=OmegaConf.to_container(cfg.gen, resolve=True),
+        logger=instantiate(cfg.logger) if cfg.logger.get("_target_") else None,
+        requested_sparsity=requested,
+    )
+
+
+def load_pipeline(plan: Plan):
+    """Step 2: the pipeline (plus a saved structured pruning to re-apply, ``model.pruned_from``)."""
+    cfg = plan.cfg
+    log.info("Loading <model=%s> (%s, %s, %s)", cfg.model.name, cfg.model.family, plan.dtype,
+             plan.device)
+    pipe = plan.loader.load(family=cfg.model.family, dtype=plan.dtype, device=plan.device)
+    if cfg.model.get("pruned_from"):
+        from edm.methods.weight.io import apply_pruned_from
+
+        apply_pruned_from(pipe, cfg.model.pruned_from)
+    return pipe
+
+
+def apply_method(plan: Plan, pipe) -> tuple[MethodReport, dict[str, float]]:
+    """Step 3: apply the method; its report goes to ``method_report.json``."""
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    dense = perf.param_stats(denoiser)
+    ctx = ApplyContext(family=plan.cfg.model.family, device=plan.device, dtype=plan.dtype,
+                       seed=int(plan.cfg.seed), output_dir=plan.out_dir, gen=plan.gen,
+                       calib=plan.calib, train_data=getattr(plan.loader, "train_data", None))
+    perf.reset_peak_memory(plan.device)
+    t0 = time.perf_counter()
+    report = plan.method.apply(pipe, ctx)
+    metrics = {"method/apply_seconds": time.perf_counter() - t0, **report.scalars()}
+    write_json(plan.out_dir / "method_report.json", {
+        "name": report.name, "kind": report.kind, "patched": report.patched,
+        "sparsity": report.sparsity, "metrics": report.metrics, "details": report.details})
+    metrics.update({f"perf/{k}": v for k, v in perf.param_stats(denoiser).items()})
+    metrics["perf/dense_params_m"] = dense["params_m"]
+    return report, metrics
+
+
+def generate_images(plan: Plan, pipe) -> dict[str, float]:
+    """Step 4: this shard's images (resumable; damaged files repaired) and their latency."""
+    gen = plan.gen
+    name = ("prompts.jsonl" if gen["num_shards"] == 1 else
+            f"prompts.shard{gen['shard']:03d}-of-{gen['num_shards']:03d}.jsonl")
+    write_text(plan.out_dir / name, "".join(it.to_json() + "\n" for it in plan.items))
+    stats = generate(pipe, plan.items, gen, plan.images_dir, plan.device, warmup=gen["warmup"],
+                     progress=gen["progress"])
+    if stats.timed_images == 0 and plan.cfg.perf.latency_batches > 0:  # all on disk already
+        timed = time_batches(pipe, plan.items, gen, plan.device, int(plan.cfg.perf.latency_batches))
+        stats.timed_images, stats.timed_seconds = timed.timed_images, timed.timed_seconds
+    metrics = {"perf/images_generated": float(stats.generated),
+               "perf/images_repaired": float(stats.repaired)}  # damaged files regenerated
+    if stats.sec_per_image is not None:
+        metrics["perf/sec_per_image"] = stats.sec_per_image
+    return metrics
+
+
+def measure(plan: Plan, pipe) -> dict[str, float]:
+    """Step 5: what the method measured while generating, peak memory, FLOPs per step."""
+    # Read before FLOPs counting: its meta-device calls are not generation.
+    metrics = {f"method/{k}": float(v) for k, v in plan.method.run_metrics().items()}
+    metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(plan.device).items()})
+    if plan.cfg.perf.flops and plan.items:
+        flops = perf.flops_per_step(pipe, plan.items[0], plan.gen)
+        metrics.update({f"perf/{k}": v for k, v in flops.items()})
+    return metrics
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_image: dict = field(default_factory=dict)
+    inputs_hash: str | None = None
+    missing: list[int] = field(default_factory=list)  # absent or damaged images
+
+
 def _inputs_hash(cfg: DictConfig, images: ImageSet) -> str:
     """Identifies evaluation inputs: the eval config and every image's name, size and mtime."""
     h = hashlib.sha256(OmegaConf.to_yaml(cfg.eval, resolve=True).encode())
@@ -62,258 +199,112 @@ def _inputs_hash(cfg: DictConfig, images: ImageSet) -> str:
     return h.hexdigest()[:16]
 
 
-def _eval_meta(evaluators) -> dict:
-    """Protocol facts evaluators expose (e.g. FID mode and reference stats file)."""
-    return {n: dict(getattr(ev, "meta", None) or {}) for n, ev in evaluators.items()}
-
-
-def _evaluate(cfg, evaluators, images: ImageSet, out_dir: Path) -> tuple[dict, dict, str]:
-    key = _inputs_hash(cfg, images)
-    prev = out_dir / "metrics.json"
+def _run_evaluators(plan: Plan, images: ImageSet) -> Evaluation:
+    """Every evaluator on ``images``, or the previous metrics.json's results if its inputs are
+    unchanged (a resumed run does not recompute FID)."""
+    key = _inputs_hash(plan.cfg, images)
+    prev = plan.out_dir / "metrics.json"
     if prev.exists():
         old = json.loads(prev.read_text())
         if old.get("run", {}).get("eval_inputs_hash") == key:
             log.info("Evaluation inputs unchanged (%s); reusing metrics", key)
             ev = {k: v for k, v in old["metrics"].items() if k.startswith("eval/")}
-            return ev, old.get("per_image", {}), key
-    metrics, per_image = {}, {}
-    for name, ev in evaluators.items():
+            return Evaluation(ev, old.get("per_image", {}), key)
+    out = Evaluation(inputs_hash=key)
+    for name, ev in plan.evaluators.items():
         log.info("Evaluating <eval.%s> on %d images", name, len(images))
         for k, v in ev.evaluate(images).items():
             if isinstance(v, (list, tuple)):
-                per_image[k] = list(v)
+                out.per_image[k] = list(v)
             else:
-                metrics[f"eval/{k}"] = float(v)
-    return metrics, per_image, key
-
-
-PROVENANCE_KEYS = ("model", "method", "gen", "sparsity", "seed")
-
-
-def _flat(node, prefix="") -> dict:
-    out = {}
-    for k, v in node.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif not isinstance(v, list):
-            out[key] = v
+                out.metrics[f"eval/{k}"] = float(v)
     return out
 
 
-def flat_config(resolved: dict) -> dict:
-    """The config values tables match runs on (``run.config`` of metrics.json and of W&B
-    records alike): model/method/gen/sparsity/seed flattened to dotted keys, without loader
-    paths and ``_target_`` class names."""
-    flat = _flat({k: resolved[k] for k in PROVENANCE_KEYS if k in resolved})
-    return {k: v for k, v in flat.items() if not k.startswith("model.loader") and "_target_" not in k}
+def evaluate_images(plan: Plan) -> Evaluation:
+    """Step 6: evaluate once every image of the (unsharded) prompt set exists and is valid."""
+    gen = plan.gen
+    full = ImageSet(plan.images_dir, plan.all_items, size=(gen["width"], gen["height"]))
+    if gen["enabled"] and gen["num_shards"] > 1:  # the eval-only job evaluates the union once
+        # existence only: decoding the other shards' images is the eval job's work
+        log.info("Shard %d/%d done; evaluate with gen.enabled=false once all shards finished",
+                 gen["shard"], gen["num_shards"])
+        return Evaluation(missing=[it.index for it, p in zip(plan.all_items, full.paths)
+                                   if not p.exists()])
+    problems = full.problems()  # absent or damaged: evaluation never reads those
+    damaged = {i: r for i, r in problems.items() if r != MISSING}
+    if damaged:
+        shown = "; ".join(f"{i:06d}: {r}" for i, r in list(damaged.items())[:20])
+        log.warning("%d damaged images in %s (rerun generation to repair): %s",
+                    len(damaged), plan.images_dir, shown)
+    if plan.evaluators and problems:
+        log.info("Not evaluating: %d of %d images missing or damaged (other shards still "
+                 "running?)", len(problems), len(full))
+    if not plan.evaluators or problems:
+        return Evaluation(missing=sorted(problems))
+    return _run_evaluators(plan, full)
 
 
-def generation_protocol(cfg: DictConfig, pipe=None) -> dict:
-    """How the images were made, for tables that compare with a paper's protocol: steps, CFG,
-    size and the sampler actually installed (the loaded pipeline's, else the configured one)."""
-    sched = type(pipe.scheduler).__name__ if getattr(pipe, "scheduler", None) is not None else \
-        cfg.model.loader.get("scheduler")
-    choice = None
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        choice = HydraConfig.get().runtime.choices.get("protocol")
-    except ValueError:
-        pass
-    return {"name": choice, "num_inference_steps": int(cfg.gen.num_inference_steps),
-            "guidance_scale": float(cfg.gen.guidance_scale), "height": int(cfg.gen.height),
-            "width": int(cfg.gen.width), "scheduler": sched}
-
-
-def requested_sparsity(cfg: DictConfig) -> float | None:
-    """The global ``sparsity`` if the composed method uses it (``${sparsity}`` in its config),
-    else ``None``: token methods have their own ratio knobs and ignore it."""
-    nodes = [cfg.method] + ([cfg.then] if cfg.get("then") else [])
-    text = "".join(OmegaConf.to_yaml(n, resolve=False) for n in nodes)
-    return float(cfg.sparsity) if "${sparsity}" in text else None
-
-
-def _provenance(cfg: DictConfig) -> dict:
-    """Group choices and CLI overrides (for tables that match results to paper rows)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
-        overrides = list(hc.overrides.task)
-    except ValueError:  # run() called without Hydra (tests, notebooks)
-        choices, overrides = {}, []
-    return {"choices": choices, "overrides": overrides,
-            "config": flat_config(OmegaConf.to_container(cfg, resolve=True))}
-
-
-def tracker_config(cfg: DictConfig) -> dict:
-    """The config a tracker run gets: the resolved config plus ``provenance`` (group choices and
-    CLI overrides), which the config alone lacks (``method=tome_c`` resolves to
-    ``method.name=tome``) and experiments/tables.py needs to match W&B runs to paper rows."""
-    prov = _provenance(cfg)
-    return {**OmegaConf.to_container(cfg, resolve=True),
-            "provenance": {k: prov[k] for k in ("choices", "overrides")}}
-
-
-def _load_apply_generate(cfg, method, loader, items, gen, images_dir, device, dtype, calib,
-                         out_dir, metrics, protocol) -> MethodReport:
-    """Steps 2-3 of the run: load, apply the method, generate; fills ``metrics`` in place."""
-    family = cfg.model.family
-    # 2. Load the pipeline and apply the method.
-    log.info("Loading <model=%s> (%s, %s, %s)", cfg.model.name, family, dtype, device)
-    pipe = loader.load(family=family, dtype=dtype, device=device)
-    protocol.update(generation_protocol(cfg, pipe))
-    if cfg.model.get("pruned_from"):
-        from edm.methods.weight.io import apply_pruned_from
-
-        apply_pruned_from(pipe, cfg.model.pruned_from)
-    denoiser = getattr(pipe, "transformer", None) or pipe.unet
-    dense = perf.param_stats(denoiser)
-    ctx = ApplyContext(family=family, device=device, dtype=dtype, seed=int(cfg.seed),
-                       output_dir=out_dir, gen=gen, calib=calib,
-                       train_data=getattr(loader, "train_data", None))
-    perf.reset_peak_memory(device)
-    t0 = time.perf_counter()
-    report = method.apply(pipe, ctx)
-    metrics["method/apply_seconds"] = time.perf_counter() - t0
-    metrics.update(report.scalars())
-    write_json(out_dir / "method_report.json", {
-        "name": report.name, "kind": report.kind, "patched": report.patched,
-        "sparsity": report.sparsity, "metrics": report.metrics, "details": report.details})
-    pruned = perf.param_stats(denoiser)
-    metrics.update({f"perf/{k}": v for k, v in pruned.items()})
-    metrics["perf/dense_params_m"] = dense["params_m"]
-
-    # 3. Generate (resumable, sharded).
-    write_text(out_dir / ("prompts.jsonl" if gen["num_shards"] == 1 else
-                          f"prompts.shard{gen['shard']:03d}-of-{gen['num_shards']:03d}.jsonl"),
-               "".join(it.to_json() + "\n" for it in items))
-    stats = generate(pipe, items, gen, images_dir, device, warmup=gen["warmup"],
-                     progress=gen["progress"])
-    if stats.timed_images == 0 and cfg.perf.latency_batches > 0:
-        timed = time_batches(pipe, items, gen, device, int(cfg.perf.latency_batches))
-        stats.timed_images, stats.timed_seconds = timed.timed_images, timed.timed_seconds
-    if stats.sec_per_image is not None:
-        metrics["perf/sec_per_image"] = stats.sec_per_image
-    metrics["perf/images_generated"] = float(stats.generated)
-    metrics["perf/images_repaired"] = float(stats.repaired)  # damaged files regenerated
-    # Read before FLOPs counting: its meta-device calls are not generation.
-    metrics.update({f"method/{k}": float(v) for k, v in method.run_metrics().items()})
-    metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(device).items()})
-    if cfg.perf.flops and items:
-        try:
-            metrics.update({f"perf/{k}": v for k, v in perf.flops_per_step(pipe, items[0], gen).items()})
-        except ImportError as e:  # pragma: no cover - flops module missing
-            log.warning("FLOPs not measured: %s", e)
-
-    return report
+def summary(plan: Plan, report: MethodReport | None, metrics: dict, ev: Evaluation,
+            protocol: dict) -> dict:
+    """Step 7: the ``metrics.json`` record."""
+    cfg, gen = plan.cfg, plan.gen
+    details = report.details if report and isinstance(report.details, dict) else {}
+    return {
+        "metrics": metrics,
+        "per_image": ev.per_image,
+        "run": {
+            "run_name": cfg.run_name, "model": cfg.model.name, "family": cfg.model.family,
+            "method": report.name if report else cfg.method.name,
+            "kind": report.kind if report else None, "tag": cfg.method.get("tag"),
+            "requested_sparsity": plan.requested_sparsity, "protocol": protocol,
+            "seed": int(cfg.seed), "output_dir": str(plan.out_dir),
+            "images_dir": str(plan.images_dir), "num_items": len(plan.all_items),
+            "shard": gen["shard"], "num_shards": gen["num_shards"],
+            "eval_inputs_hash": ev.inputs_hash, "skipped_evaluators": plan.skipped_evaluators,
+            "missing_images": len(ev.missing),
+            "eval_meta": {n: dict(getattr(e, "meta", None) or {})  # e.g. FID mode, reference
+                          for n, e in plan.evaluators.items()},
+            "prune_point": details.get("prune_point"),
+            **provenance(cfg),
+        },
+    }
 
 
 def run(cfg: DictConfig) -> float:
     t_start = time.perf_counter()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # 1. Checks before any model is loaded.
-    validate(cfg)
-    setup_backends(cfg)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    family = cfg.model.family
-    log.info("Instantiating method <method=%s>", cfg.method.name)
-    method = build_method(cfg)
-    method.check(family)
-    loader = instantiate(cfg.model.loader)
-    loader.check()
-    data = instantiate(cfg.data)
-    data.check()
-    calib = instantiate(cfg.calib) if cfg.calib.get("_target_") else None
-    if calib is not None and method.kind in ("weights", "compose") and getattr(method, "needs_calib", True):
-        calib.check()
-    evaluators, skipped = build_evaluators(cfg)
-    all_items = assign_seeds(data.load(), int(cfg.seed))
-    items = shard(all_items, int(cfg.gen.shard), int(cfg.gen.num_shards))
-    gen = OmegaConf.to_container(cfg.gen, resolve=True)
-    images_dir = Path(gen["images_dir"])
-    logger = instantiate(cfg.logger) if cfg.logger.get("_target_") else None
-
-    requested = requested_sparsity(cfg)
-    if requested is None and any(o.split("=")[0] == "sparsity" for o in _provenance(cfg)["overrides"]):
-        log.warning("<sparsity=%s> is not used by method=%s (a runtime method: its ratio is a "
-                    "method.* knob); metrics record the ratio it measured instead",
-                    cfg.sparsity, cfg.method.name)
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    plan = plan_run(cfg)
     metrics: dict[str, float] = {}
+    if plan.requested_sparsity is not None:
+        metrics["method/requested_sparsity"] = plan.requested_sparsity
     protocol = generation_protocol(cfg)  # the loaded pipeline's sampler replaces the configured one
-    if requested is not None:
-        metrics["method/requested_sparsity"] = requested
+    report = None
     try:
-        if logger is not None:
-            logger.start(tracker_config(cfg), out_dir, job_type=method.kind)
-
-        report = None
-        if gen["enabled"]:
-            report = _load_apply_generate(cfg, method, loader, items, gen, images_dir, device,
-                                          dtype, calib, out_dir, metrics, protocol)
+        if plan.logger is not None:
+            plan.logger.start(tracker_config(cfg), plan.out_dir, job_type=plan.method.kind)
+        if plan.gen["enabled"]:
+            pipe = load_pipeline(plan)
+            protocol = generation_protocol(cfg, pipe)
+            report, applied = apply_method(plan, pipe)
+            metrics.update(applied)
+            metrics.update(generate_images(plan, pipe))
+            metrics.update(measure(plan, pipe))
         else:
-            log.info("Evaluation only <gen.enabled=false>: images from %s", images_dir)
-
-        # 4. Evaluate once every image of the (unsharded) prompt set exists.
-        full = ImageSet(images_dir, all_items, size=(gen["width"], gen["height"]))
-        per_image: dict = {}
-        eval_hash = None
-        sharded_job = gen["enabled"] and gen["num_shards"] > 1
-        if sharded_job:  # the eval-only job (gen.enabled=false) evaluates the union once
-            # existence only: decoding the other shards' images is the eval job's work
-            missing = [it.index for it, p in zip(all_items, full.paths) if not p.exists()]
-            log.info("Shard %d/%d done; evaluate with gen.enabled=false once all shards finished",
-                     gen["shard"], gen["num_shards"])
-        else:
-            problems = full.problems()  # absent or damaged: evaluation never reads those
-            missing = sorted(problems)
-            damaged = {i: r for i, r in problems.items() if r != MISSING}
-            if damaged:
-                shown = "; ".join(f"{i:06d}: {r}" for i, r in list(damaged.items())[:20])
-                log.warning("%d damaged images in %s (rerun generation to repair): %s",
-                            len(damaged), images_dir, shown)
-            if evaluators and not missing:
-                ev, per_image, eval_hash = _evaluate(cfg, evaluators, full, out_dir)
-                metrics.update(ev)
-            elif evaluators:
-                log.info("Not evaluating: %d of %d images missing or damaged (other shards "
-                         "still running?)", len(missing), len(full))
+            log.info("Evaluation only <gen.enabled=false>: images from %s", plan.images_dir)
+        ev = evaluate_images(plan)
+        metrics.update(ev.metrics)
         metrics["perf/run_seconds"] = time.perf_counter() - t_start
-
-        # 5. Log.
-        summary = {
-            "metrics": metrics,
-            "per_image": per_image,
-            "run": {
-                "run_name": cfg.run_name, "model": cfg.model.name, "family": family,
-                "method": report.name if report else cfg.method.name,
-                "kind": report.kind if report else None, "tag": cfg.method.get("tag"),
-                "requested_sparsity": requested, "protocol": protocol, "seed": int(cfg.seed),
-                "output_dir": str(out_dir),
-                "images_dir": str(images_dir), "num_items": len(all_items),
-                "shard": gen["shard"], "num_shards": gen["num_shards"],
-                "eval_inputs_hash": eval_hash, "skipped_evaluators": skipped,
-                "missing_images": len(missing), "eval_meta": _eval_meta(evaluators),
-                "prune_point": (report.details.get("prune_point")
-                                if report and isinstance(report.details, dict) else None),
-                **_provenance(cfg),
-            },
-        }
-        write_json(out_dir / "metrics.json", summary)
-        if logger is not None:
-            logger.log(metrics)
-            if not missing:
-                logger.log_images(images_dir, all_items, per_image)
+        write_json(plan.out_dir / "metrics.json", summary(plan, report, metrics, ev, protocol))
+        if plan.logger is not None:
+            plan.logger.log(metrics)
+            if not ev.missing:
+                plan.logger.log_images(plan.images_dir, plan.all_items, ev.per_image)
         log.info("Metrics: %s", json.dumps(metrics, indent=1, sort_keys=True))
     finally:
-        if logger is not None:
-            logger.finish()
-        log.info("Output dir: %s", out_dir)
+        if plan.logger is not None:
+            plan.logger.finish()
+        log.info("Output dir: %s", plan.out_dir)
 
     primary = cfg.eval.get("primary_metric", "perf/sec_per_image")
     return float(metrics.get(primary, math.nan))

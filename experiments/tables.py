@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from edm.runner import flat_config
+from edm.records import flat_config
 
 HERE = Path(__file__).resolve().parent
 SPEC = HERE / "paper_tables.yaml"
@@ -46,7 +46,7 @@ def wandb_record(run) -> dict:
     The runner logs the resolved config as nested dicts plus ``provenance`` (Hydra group choices
     and CLI overrides, which the config alone lacks: ``method=tome_c`` resolves to
     ``method.name=tome``); the summary holds the flat ``eval/...`` scalars. The record's
-    ``run.config`` is flattened by the runner's own ``flat_config`` so ``value_of`` reads both alike.
+    ``run.config`` is flattened by ``edm.records.flat_config`` (as metrics.json) so ``value_of`` reads both alike.
     Runs logged without ``provenance`` fall back to ``experiment_name`` and ``method.name``.
     """
     cfg = dict(run.config)

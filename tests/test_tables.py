@@ -128,7 +128,8 @@ CASES = [  # (overrides, the row they must fill, a metric of that table)
 
 @pytest.mark.parametrize("overrides,label,key", CASES)
 def test_wandb_run_fills_the_same_row_as_its_metrics_json(compose_cfg, overrides, label, key):
-    from edm.runner import _provenance, tracker_config
+    from edm.records import provenance as _provenance
+    from edm.records import tracker_config
 
     cfg = compose_cfg(*overrides)
     exp = overrides[0].split("=")[1]
