@@ -57,3 +57,41 @@ def compose_cfg(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def _tiny_digits():
+    """A randomly initialised digits-preset pipeline (the shipped weights are not needed)."""
+    from edm.digits.components import build_components, default_config
+    from edm.digits.pipeline import DigitsPipeline
+
+    pipe = DigitsPipeline(**build_components(default_config("small"), seed=0))
+    pipe.edm_family = "digits"
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_pipes():
+    """Tiny random pipelines of every family (``edm.models.tiny``, digits preset), built once per
+    test module from seeded configs. Tests that change one restore it (``remove``) or deep-copy."""
+    from edm.models.tiny import tiny_sd3, tiny_sd15, tiny_sdxl
+
+    out = {"sd15": tiny_sd15(), "sdxl": tiny_sdxl(), "sd3": tiny_sd3(), "digits": _tiny_digits()}
+    for pipe in out.values():
+        pipe.set_progress_bar_config(disable=True)
+    return out
+
+
+@pytest.fixture
+def compose_job():
+    """``compose_job(overrides, hydra_cfg=False)``: the project config for ``overrides``, as the
+    CLI composes it (with the ``hydra`` node when ``hydra_cfg``, e.g. for sweeper params)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    def _compose(overrides, hydra_cfg: bool = False):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=hydra_cfg)
+
+    yield _compose
+    GlobalHydra.instance().clear()

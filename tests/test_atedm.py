@@ -169,24 +169,9 @@ def test_kernels_run_on_meta():
 # --------------------------------------------------------------------------- wiring
 
 
-def _pipes():
-    from edm.models.tiny import tiny_sd3, tiny_sd15, tiny_sdxl
-
-    def digits():
-        from edm.digits.components import build_components, default_config
-        from edm.digits.pipeline import DigitsPipeline
-
-        pipe = DigitsPipeline(**build_components(default_config("small"), seed=0))
-        pipe.edm_family = "digits"
-        return pipe
-
-    return {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "digits": digits}
-
-
 @pytest.fixture(scope="module")
-def pipes():
-    torch.manual_seed(0)
-    return {fam: build() for fam, build in _pipes().items()}
+def pipes(tiny_pipes):
+    return tiny_pipes
 
 
 def generate(pipe, family, guidance=3.0, steps=2):

@@ -108,8 +108,8 @@ def _hook_count(module) -> int:
 
 
 @pytest.fixture(scope="module")
-def sd15():
-    return tiny_sd15()
+def sd15(tiny_pipes):
+    return tiny_pipes["sd15"]
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from edm.families import SCHEDULERS
 from edm.runner import run
 from edm.validate import validate
 
-from test_configs import _compose, options
+from test_configs import options
 
 
 def _no_load(*_a, **_k):
@@ -42,44 +42,44 @@ def test_model_dependent_values_fail_before_loading(compose_cfg, overrides, key,
 
 
 @pytest.mark.parametrize("option", options("model"))
-def test_every_model_declares_limits_its_defaults_satisfy(option):
-    cfg = _compose([f"model={option}"])
+def test_every_model_declares_limits_its_defaults_satisfy(option, compose_job):
+    cfg = compose_job([f"model={option}"])
     assert set(cfg.model.limits) >= {"size_multiple", "sizes", "guidance"}
     validate(cfg)  # the model card's own defaults are valid
 
 
 @pytest.mark.parametrize("option,kind", [("tiny_sd15", "sd15"), ("tiny_sdxl", "sdxl"),
                                          ("tiny_sd3", "sd3")])
-def test_size_multiple_is_the_pipelines_own(option, kind):
+def test_size_multiple_is_the_pipelines_own(option, kind, compose_job):
     """The declared multiple is what the built pipeline divides by (VAE factor x patch size)."""
     from edm.models.tiny import TinyPipeline
 
     pipe = TinyPipeline(kind=kind).load(kind, torch.float32, "cpu")
     den = getattr(pipe, "transformer", None)
     patch_size = den.config.patch_size if den is not None else 1
-    cfg = _compose([f"model={option}"])
+    cfg = compose_job([f"model={option}"])
     assert cfg.model.limits.size_multiple == pipe.vae_scale_factor * patch_size
 
 
 @pytest.mark.parametrize("arch,option", [("sd15", "sd15"), ("sdxl", "sdxl"),
                                          ("sd3_medium", "sd3_medium"),
                                          ("sd35_large", "sd35_large")])
-def test_real_size_multiple_matches_the_real_architecture(arch, option):
+def test_real_size_multiple_matches_the_real_architecture(arch, option, compose_job):
     from edm.models.zoo import full_pipeline
 
     pipe = full_pipeline(arch, device="meta", dtype=torch.bfloat16)
     den = getattr(pipe, "transformer", None)
     patch_size = den.config.patch_size if den is not None else 1
     for name in (option, f"full_{option}"):
-        assert _compose([f"model={name}"]).model.limits.size_multiple == \
+        assert compose_job([f"model={name}"]).model.limits.size_multiple == \
             pipe.vae_scale_factor * patch_size
 
 
-def test_digits_sizes_match_the_pipeline_check():
+def test_digits_sizes_match_the_pipeline_check(compose_job):
     from edm.digits.loader import DigitsLoader
 
     pipe = DigitsLoader().load()
-    cfg = _compose([])
+    cfg = compose_job([])
     (h, w), = cfg.model.limits.sizes
     pipe(prompt=["a handwritten digit one"], num_inference_steps=1, height=h, width=w)
     with pytest.raises(ValueError, match="trained at"):
