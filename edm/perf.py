@@ -36,13 +36,25 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_gb(device: torch.device) -> dict[str, float]:
-    """CUDA: max allocated on the device. CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+def _peak_rss_gb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return {"peak_rss_gb": rss * scale / 2**30}
+    return rss * scale / 2**30
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """Peak memory of the run's device since the last :func:`reset_peak_memory`, in GiB, and
+    what was measured: the CUDA allocator's peak, else the process's peak resident set size
+    (which is never reset: it covers the whole process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    return _peak_rss_gb(), "process_peak_rss"
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """The same keys on every device: ``peak_mem_gb`` (:func:`peak_memory`: device memory on
+    CUDA, peak RSS on CPU) and ``peak_rss_gb`` (the process's host memory)."""
+    return {"peak_mem_gb": peak_memory(device)[0], "peak_rss_gb": _peak_rss_gb()}
 
 
 def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
