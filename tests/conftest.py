@@ -95,3 +95,27 @@ def compose_job():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+HF_SNAPSHOT = "0" * 40  # the fake hub cache's snapshot hash
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty hub cache that edm's resolvers read; returns ``put(repo, name, bytes)``."""
+    import huggingface_hub.constants as c
+
+    root = tmp_path / "hub"
+    root.mkdir()
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(root))
+
+    def put(repo: str, name: str, data: bytes):
+        d = root / ("models--" + repo.replace("/", "--"))
+        (d / "refs").mkdir(parents=True, exist_ok=True)
+        (d / "refs" / "main").write_text(HF_SNAPSHOT)
+        p = d / "snapshots" / HF_SNAPSHOT / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        return p
+
+    return put
