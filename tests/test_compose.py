@@ -34,8 +34,8 @@ run_name: ${model.name}-${method.tag}-s${seed}
 @pytest.fixture
 def minimal_conf(tmp_path):
     conf = tmp_path / "conf"
-    shutil.copytree(CONF / "method", conf / "method")
-    shutil.copytree(CONF / "then", conf / "then")
+    for group in ("method", "method_base", "then"):  # method_base: the weight methods' bases
+        shutil.copytree(CONF / group, conf / group)
     (conf / "config.yaml").write_text(MINIMAL)
     return conf
 
@@ -93,7 +93,7 @@ def test_list_of_then_nodes_and_errors(minimal_conf):
         build_method(cfg)
     swapped = _compose(minimal_conf, "method=tome", "then=tome")
     OmegaConf.set_struct(swapped, False)
-    swapped.then = OmegaConf.load(CONF / "method" / "magnitude.yaml")
+    swapped.then = _compose(minimal_conf, "method=magnitude").method  # with its base defaults
     with pytest.raises(ConfigError, match="weight method"):
         build_method(swapped)
 

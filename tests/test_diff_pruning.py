@@ -14,7 +14,6 @@ from edm.methods.base import ApplyContext
 from edm.methods.weight.diff_pruning import DiffPruning, accumulate_gradients, attention_heads
 
 
-
 def digits_pipe(heads=(2, 4, 4), seed=0):
     """A digits pipeline (random init) whose attention has several heads per block, so that
     torch-pruning's default widths (16 -> 11) are not divisible by the head count."""

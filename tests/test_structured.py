@@ -12,19 +12,14 @@ import types
 import pytest
 import torch
 
-from edm.errors import ConfigError
+from edm.errors import ConfigError, NothingPatchedError
 from edm.methods.base import ApplyContext
 from edm.methods.weight import structured as K
+from edm.methods.weight.calibrate import Calibration
 from edm.methods.weight.io import apply_pruned_from, load_pruned, save_pruned
 from edm.methods.weight.l1 import L1Norm, l1_scores
-from edm.methods.weight.slicing import (
-    prune_structured,
-    prune_target,
-    slice_targets,
-    structured_targets,
-    structured_units,
-)
-
+from edm.methods.weight.obs_diff_structured import OBSDiffStructured, obs_prune_target
+from edm.methods.weight.slicing import slice_targets, structured_targets, structured_units
 
 
 # ---------------------------------------------------------------- tiny models (inline builders)
@@ -212,7 +207,7 @@ def _prune_all(model, call, family, sparsity=0.5, exclude=False):
     targets = structured_targets(model, family, exclude_first_last=exclude)
     H = hook_hessians(model, call, [nl for t in targets for nl in t.consumers])
     for t in targets:
-        prune_target(t, H, sparsity)
+        obs_prune_target(t, H, sparsity)
     return targets
 
 
@@ -275,22 +270,53 @@ def test_mmdit_targets_and_units():
     assert not any(t.group == "context" for t in no_ctx)
 
 
+class _Hessian:
+    """A calibration statistic holding a given Hessian (``.H``, ``nbytes``, ``free``)."""
+
+    def __init__(self, H):
+        self.H = H
+
+    def nbytes(self):
+        return self.H.numel() * self.H.element_size() if self.H is not None else 0
+
+    def free(self):
+        self.H = None
+
+
 def test_prune_structured_packages_and_report():
     model = tiny_mmdit()
     call = mmdit_call(model)
     calls = []
 
-    def collect(layers):
-        calls.append([n for n, _ in layers])
-        return hook_hessians(model, call, layers)
+    class HookCalibrated(OBSDiffStructured):
+        # the package's Hessians from one forward of the bare transformer, as the model stands
+        def calibrate(self, pipe, layers, items, settings):
+            calls.append([n for n, _ in layers])
+            H = hook_hessians(model, call, layers)
+            return Calibration(stats={n: _Hessian(h) for n, h in H.items()})
 
-    details = prune_structured(model, "sd3", 0.5, collect, exclude_first_last=False, num_packages=3)
+    method = HookCalibrated(0.5, exclude_first_last=False, num_groups=3,
+                            calibration={"num_prompts": 1})
+    pipe = types.SimpleNamespace(transformer=model, edm_family="sd3")
+    report = method.apply(pipe, ApplyContext(family="sd3",
+                                             calib=types.SimpleNamespace(load=lambda: ["-"])))
+    details = report.details
     assert len(calls) == 3 and all(calls)
     assert details["params_after"] < details["params_before"]
     assert details["patched"] == details["num_targets"] == 9
     assert 0.3 < details["sparsity"] < 0.7  # half of heads / neurons of the targeted layers
     with torch.no_grad():
         assert torch.isfinite(call()).all()
+    # the one report: package run recorded as for the layer-wise methods
+    assert report.patched == 9 and report.metrics["num_packages"] == 3
+    assert [[n for n in p] for p in details["packages"]] == calls
+
+
+def test_structured_that_removes_nothing_is_an_error():
+    """round(groups * sparsity) = 0 in every target: nothing changed, which must not pass."""
+    pipe = types.SimpleNamespace(unet=tiny_unet(), edm_family="sd15")
+    with pytest.raises(NothingPatchedError):
+        L1Norm(sparsity=0.001, exclude_first_last=False).apply(pipe, ApplyContext(family="sd15"))
 
 
 # ---------------------------------------------------------------- L1 baseline

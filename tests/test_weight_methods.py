@@ -19,6 +19,8 @@ from edm.methods.base import ApplyContext
 from edm.methods.weight import DSnoT, Magnitude, OBSDiff, SparseGPT, Wanda
 from edm.methods.weight.calibrate import CalibSettings, collect_stats, resolve_settings
 from edm.methods.weight.hessian import timestep_weights
+from edm.methods.weight.obs_diff import obs_diff
+from edm.methods.weight.obs_diff_structured import OBSDiffStructured
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -111,7 +113,7 @@ def test_methods_measured_sparsity_hooks_untouched(pipes, family, method):
         if owner not in targets or not k.endswith("weight"):
             assert torch.equal(v, after[k]), k
     assert _no_hooks(den) and _no_hooks(pipe.vae)  # (text encoders keep transformers' own hooks)
-    if m.needs_calibration:
+    if m.needs_calib:
         assert report.details["steps_seen"] == list(range(STEPS))
         assert report.metrics["calib_seconds"] > 0
     assert report.metrics["params_nonzero_after"] < report.metrics["params_nonzero_before"]
@@ -252,8 +254,8 @@ def test_config_errors_name_the_key():
         (lambda: OBSDiff(sparsity=0.5, blocks=[3, 1]), "method.blocks"),
         (lambda: OBSDiff(sparsity=0.5, num_groups=0), "method.num_groups"),
         (lambda: OBSDiff(sparsity=0.5, weighting="cosine"), "method.weighting"),
-        (lambda: OBSDiff(sparsity=0.5, granularity="rows"), "method.granularity"),
-        (lambda: OBSDiff(sparsity=0.5, pattern="2:4", granularity="structured"), "method.pattern"),
+        (lambda: obs_diff(sparsity=0.5, granularity="rows"), "method.granularity"),
+        (lambda: obs_diff(sparsity=0.5, pattern="2:4", granularity="structured"), "method.pattern"),
         (lambda: OBSDiff(sparsity=0.5, calibration={"steps": 3}), "method.calibration"),
         (lambda: SparseGPT(sparsity=0.5, granularity="structured"), "method.granularity"),
     ]
@@ -261,6 +263,24 @@ def test_config_errors_name_the_key():
         with pytest.raises(ConfigError) as e:
             make()
         assert e.value.key == key
+
+
+def test_obs_diff_granularity_dispatch():
+    """method=obs_diff method.granularity=structured builds the method of obs_diff_structured;
+    a key of the other granularity is an error naming it, not silently ignored."""
+    assert type(obs_diff(0.3)) is OBSDiff
+    m = obs_diff(0.3, granularity="structured", exclude_first_last=True, rrf_k=30, num_groups=2)
+    assert type(m) is OBSDiffStructured
+    assert (m.exclude_first_last, m.rrf_k, m.num_groups, m.name) == (True, 30, 2, "obs_diff")
+    for kwargs, key in (({"granularity": "structured", "blocks": [0, 2]}, "method.blocks"),
+                        ({"granularity": "structured", "keep_backup": True}, "method.keep_backup"),
+                        ({"no_compensate": True}, "method.no_compensate")):
+        with pytest.raises(ConfigError) as e:
+            obs_diff(0.3, **kwargs)
+        assert e.value.key == key
+    with pytest.raises(ConfigError) as e:
+        OBSDiffStructured(0.3, keep_backup=True)
+    assert e.value.key == "method.keep_backup"
 
 
 def test_needs_calibration_set(pipes):
@@ -289,12 +309,10 @@ def test_resolve_settings_priority():
 
 
 @pytest.mark.parametrize("name", ["magnitude", "wanda", "sparsegpt", "obs_diff", "dsnot"])
-def test_method_configs_instantiate(name):
+def test_method_configs_instantiate(name, compose_job):
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.create(
-        {"sparsity": 0.7, "method": OmegaConf.load(ROOT / "conf/method" / f"{name}.yaml")}
-    )
+    cfg = compose_job([f"method={name}", "sparsity=0.7"])  # configs share conf/method_base/
     method = instantiate(cfg.method)
     assert method.sparsity == 0.7 and method.name == name
     assert "0.7" in method.tag

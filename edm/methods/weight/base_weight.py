@@ -1,29 +1,35 @@
-"""Shared machinery of the layer-wise weight-pruning methods (magnitude, Wanda, SparseGPT,
-OBS-Diff, DSnoT): target selection through the family adapter, module packages, timestep-weighted
-calibration, in-place solve per layer, and a report *measured* from the weights afterwards.
+"""What every weight-pruning method shares: calibration, the module-package loop and the report.
 
-A subclass sets ``needs_calibration`` and implements ``make_stat`` and ``prune_layer`` (or
-``prune_unit`` to solve a basic unit jointly). Everything else (packages, hooks, weighting, timing,
-memory, sparsity) is done here, the same way for every method, as the OBS-Diff paper compares them
-("applied uniformly to all methods", App. B).
+:class:`PruningMethod` is the base of the package-driven pruners, layer-wise
+(:class:`~edm.methods.weight.base_layerwise.LayerwisePruning`: magnitude, Wanda, SparseGPT,
+OBS-Diff, DSnoT) and structured (:class:`~edm.methods.weight.base_structured.StructuredPruning`:
+L1, structured OBS-Diff). It validates the shared arguments, resolves the calibration plan, and
+runs :meth:`PruningMethod.prune_packages` -- the one package loop: calibrate a package of basic
+units with every earlier package already pruned, prune its units, free its statistics. The same
+loop for every method, as the OBS-Diff paper compares them ("applied uniformly to all methods",
+App. B).
+
+:func:`build_report` is the one ``MethodReport`` builder of all weight methods (Diff-Pruning,
+which prunes through torch-pruning, included): zero patched is an error, peak memory and the
+package run are recorded the same way for each.
 """
 
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from edm.errors import ConfigError, NothingPatchedError
-from edm.families import TARGET_GROUPS, adapter
-from edm.methods.base import ApplyContext, MethodReport, WeightMethod
+from edm.families import TARGET_GROUPS
+from edm.methods.base import ApplyContext, Method, MethodReport, WeightMethod
 from edm.methods.weight.calibrate import (
+    Calibration,
     CalibSettings,
     Unit,
     check_setting_overrides,
@@ -32,17 +38,9 @@ from edm.methods.weight.calibrate import (
     split_packages,
 )
 from edm.methods.weight.hessian import WEIGHTINGS, HessianStat, timestep_weights
-from edm.methods.weight.masks import check_pattern_sparsity, parse_pattern, zero_fraction
+from edm.perf import peak_memory
 
 log = logging.getLogger(__name__)
-
-
-def _peak_memory_gb(device: torch.device) -> tuple[float, str]:
-    """Peak memory since the last reset: CUDA allocator peak, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20), "process_peak_rss"
 
 
 def write_weight(module: nn.Module, W: torch.Tensor) -> None:
@@ -51,16 +49,26 @@ def write_weight(module: nn.Module, W: torch.Tensor) -> None:
         module.weight.copy_(W.to(device=module.weight.device, dtype=module.weight.dtype))
 
 
+@dataclass
+class PackageRun:
+    """What :meth:`PruningMethod.prune_packages` did: packages, calibration, time, memory."""
+
+    packages: list[list[Unit]]
+    settings: CalibSettings | None = None  # None: the method needs no calibration
+    weighting: str | None = None
+    steps_seen: set[int] = field(default_factory=set)
+    stats_peak_bytes: int = 0  # largest statistics of one package (what packages bound)
+    calib_seconds: float = 0.0
+    solve_seconds: float = 0.0
+
+
 class PruningMethod(WeightMethod):
-    """Base of the layer-wise pruners. Constructor arguments are the shared config keys.
+    """Base of the package-driven pruners. Constructor arguments are the shared config keys.
 
     Args:
-        sparsity: fraction of weights removed in every targeted layer (usually ``${sparsity}``).
-        pattern: ``unstructured``, ``2:4`` or ``4:8`` (N:M needs sparsity 0.5).
+        sparsity: fraction removed in every targeted layer / module (usually ``${sparsity}``).
         targets: target groups resolved by the family adapter: ``attn``, ``ff`` and, for MMDiT,
             ``context`` (the text stream). Default: all, as OBS-Diff prunes all 12 linears/block.
-        blocks: ``null`` (all transformer layers) or ``[start, stop)`` layer indices in forward
-            order; the paper's 2:4 table prunes SD3.5-Large blocks 3..25 only.
         num_groups: module packages (paper default 4). 1 = one calibration pass for all layers
             (fastest, most memory); L = L passes, each after the earlier packages were pruned.
         weighting: timestep weighting of the calibration statistics (``log_decrease`` default).
@@ -70,16 +78,18 @@ class PruningMethod(WeightMethod):
             ``seed``); unset keys come from the calib config, then the run's ``gen``.
         keep_backup: keep CPU copies of the touched weights so that ``remove()`` can undo.
         name, tag: run naming (from the method config).
+
+    Methods that need no data set ``needs_calib = False`` (the runner then skips the calib
+    pre-flight, and the package loop runs one package without statistics); the calibration
+    arguments are accepted and unused.
     """
 
-    needs_calibration: ClassVar[bool] = True
+    needs_calib: ClassVar[bool] = True
 
     def __init__(
         self,
         sparsity: float,
-        pattern: str = "unstructured",
         targets=TARGET_GROUPS,
-        blocks=None,
         num_groups: int = 4,
         weighting: str = "log_decrease",
         alpha_min: float = 0.8,
@@ -94,16 +104,12 @@ class PruningMethod(WeightMethod):
         self.sparsity = float(sparsity)
         if not 0.0 <= self.sparsity < 1.0:
             raise ConfigError("method.sparsity", f"must be in [0, 1), got {sparsity}.")
-        self.pattern = str(pattern)
-        self.nm = parse_pattern(self.pattern)
-        check_pattern_sparsity(self.pattern, self.sparsity)
         self.targets = tuple(targets)
         bad = sorted(set(self.targets) - set(TARGET_GROUPS))
         if bad or not self.targets:
             raise ConfigError(
                 "method.targets", f"unknown or empty target groups {bad}.", TARGET_GROUPS
             )
-        self.blocks = self._check_blocks(blocks)
         if int(num_groups) < 1:
             raise ConfigError("method.num_groups", f"must be >= 1, got {num_groups}.")
         self.num_groups = int(num_groups)
@@ -120,41 +126,16 @@ class PruningMethod(WeightMethod):
             dict(calibration) if calibration is not None else None
         )
         self._weights_cache: dict[int, torch.Tensor] = {}
-        self._timing = {"calib_seconds": 0.0, "solve_seconds": 0.0}
-
-    @staticmethod
-    def _check_blocks(blocks) -> range | None:
-        if blocks is None:
-            return None
-        b = list(blocks)
-        if len(b) != 2 or not all(isinstance(v, int) for v in b) or not 0 <= b[0] < b[1]:
-            raise ConfigError(
-                "method.blocks",
-                f"must be null or [start, stop) with 0 <= start < stop, got {blocks}.",
-            )
-        return range(b[0], b[1])
-
-    @property
-    def needs_calib(self) -> bool:
-        """Whether the runner must pre-flight the calibration set (``calib.check()``)."""
-        return self.needs_calibration
 
     # ---- override points -------------------------------------------------------------------
-    def target_units(self, pipe, denoiser: nn.Module) -> list[Unit]:
-        """Ordered basic units of the layers to prune (default: the family adapter's units)."""
-        return adapter(pipe).linear_units(denoiser, self.targets, self.blocks)
-
     def make_stat(self, name: str, module: nn.Module):
         """Calibration statistic of one layer (default: the timestep-weighted Hessian)."""
         return HessianStat(module.in_features, device=module.weight.device)
 
-    def prune_unit(self, unit: Unit, stats: dict[str, Any]) -> None:
-        """Prune one basic unit in place (default: each layer independently)."""
-        for name, module in unit:
-            self.prune_layer(name, module, stats.get(name))
-
-    def prune_layer(self, name: str, module: nn.Module, stat) -> None:
-        raise NotImplementedError
+    def calibrate(self, pipe, layers: Unit, items: list, settings: CalibSettings) -> Calibration:
+        """Statistics of ``layers`` (one package): one timestep-weighted calibration pass of the
+        pipeline on ``items`` (default), each call weighted by :meth:`step_weight`."""
+        return collect_stats(pipe, layers, self.make_stat, items, settings, self.step_weight)
 
     # ---- shared machinery ------------------------------------------------------------------
     def step_weight(self, step: int, num_steps: int) -> float:
@@ -184,108 +165,98 @@ class PruningMethod(WeightMethod):
             )
         return items[: settings.num_prompts], settings
 
-    def hessian_collector(
-        self, pipe, ctx: ApplyContext
-    ) -> Callable[[Unit], dict[str, torch.Tensor]]:
-        """``collect(named_linears) -> {name: H fp32}``: one weighted calibration pass per call.
+    def prune_packages(
+        self, pipe, ctx: ApplyContext, units: list[Unit],
+        prune_unit: Callable[[Unit, dict[str, Any]], None],
+    ) -> PackageRun:
+        """The package loop: ``prune_unit(unit, stats)`` for every unit, in order.
 
-        For methods that drive their own package loop (structured OBS); time spent is added to
-        this method's ``calib_seconds``.
+        With calibration, ``units`` are split into ``num_groups`` packages and each package is
+        calibrated on the pipeline as the earlier packages left it (``stats`` maps each of the
+        package's layers to its statistic); without, all units form one package and ``stats`` is
+        empty.
         """
-        items, settings = self.calibration_plan(ctx)
-
-        def collect(named_linears: Unit) -> dict[str, torch.Tensor]:
-            cal = collect_stats(
-                pipe, named_linears, self.make_stat, items, settings, self.step_weight
-            )
-            self._timing["calib_seconds"] += cal.seconds
-            return {n: s.H for n, s in cal.stats.items()}
-
-        return collect
-
-    def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
-        self.check(ctx.family)
-        denoiser = adapter(pipe).denoiser(pipe)
-        units = self.target_units(pipe, denoiser)
-        layers = [layer for unit in units for layer in unit]
-        if not layers:
-            raise NothingPatchedError(
-                f"<method={self.name}> matched no linear layer (targets={list(self.targets)}, "
-                f"blocks={self.blocks})"
-            )
-        self.backup(layers)
-        device = next(denoiser.parameters()).device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        nonzero_before = sum(int((p != 0).sum()) for p in denoiser.parameters())
-
-        items, settings = self.calibration_plan(ctx) if self.needs_calibration else ([], None)
-        packages = split_packages(units, self.num_groups) if self.needs_calibration else [units]
-        self._timing = {"calib_seconds": 0.0, "solve_seconds": 0.0}
-        stats_peak, steps_seen = 0, set()
-        for k, package in enumerate(packages):
+        calibrated = self.needs_calib
+        items, settings = self.calibration_plan(ctx) if calibrated else ([], None)
+        run = PackageRun(
+            packages=split_packages(units, self.num_groups) if calibrated else [units],
+            settings=settings, weighting=self.weighting if calibrated else None,
+        )
+        for k, package in enumerate(run.packages):
             stats: dict[str, Any] = {}
-            if self.needs_calibration:
-                named = [layer for unit in package for layer in unit]
-                cal = collect_stats(pipe, named, self.make_stat, items, settings, self.step_weight)
-                self._timing["calib_seconds"] += cal.seconds
-                steps_seen.update(cal.steps_seen)
+            if calibrated:
+                cal = self.calibrate(pipe, [layer for unit in package for layer in unit], items,
+                                     settings)
+                run.calib_seconds += cal.seconds
+                run.steps_seen.update(cal.steps_seen)
                 stats = cal.stats
                 del cal
-                stats_peak = max(stats_peak, sum(s.nbytes() for s in stats.values()))
+                run.stats_peak_bytes = max(
+                    run.stats_peak_bytes, sum(s.nbytes() for s in stats.values())
+                )
             t0 = time.perf_counter()
             for unit in package:
-                self.prune_unit(unit, stats)
-            self._timing["solve_seconds"] += time.perf_counter() - t0
-            log.info(
-                "<method=%s> package %d/%d pruned (%d layers)",
-                self.name,
-                k + 1,
-                len(packages),
-                sum(len(u) for u in package),
-            )
+                prune_unit(unit, stats)
+            run.solve_seconds += time.perf_counter() - t0
+            log.info("<method=%s> package %d/%d pruned (%d layers)", self.name, k + 1,
+                     len(run.packages), sum(len(u) for u in package))
             del stats  # only one package's statistics are alive at a time
+        return run
 
-        return self.build_report(
-            denoiser, layers, nonzero_before, device, settings, packages, stats_peak, steps_seen
-        )
 
-    def build_report(
-        self, denoiser, layers, nonzero_before, device, settings, packages, stats_peak, steps_seen
-    ) -> MethodReport:
-        """Measure what was done: sparsity from the weights, parameters, time, memory."""
-        per_layer = {name: zero_fraction(m.weight) for name, m in layers}
-        zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
-        numel = sum(m.weight.numel() for _, m in layers)
-        peak_gb, peak_src = _peak_memory_gb(device)
-        metrics = {
-            "sparsity": zeros / numel,
-            "params_total": float(sum(p.numel() for p in denoiser.parameters())),
-            "params_nonzero_before": float(nonzero_before),
-            "params_nonzero_after": float(sum(int((p != 0).sum()) for p in denoiser.parameters())),
-            "target_params": float(numel),
-            "calib_seconds": self._timing["calib_seconds"],
-            "solve_seconds": self._timing["solve_seconds"],
-            "prune_seconds": self._timing["calib_seconds"] + self._timing["solve_seconds"],
-            "peak_mem_gb": peak_gb,
-            "stats_peak_mb": stats_peak / 2**20,
-            "num_packages": float(len(packages)),
-        }
-        details = {
-            "per_layer_sparsity": per_layer,
-            "pattern": self.pattern,
-            "targets": list(self.targets),
-            "weighting": self.weighting if self.needs_calibration else None,
-            "calibration": settings.to_dict() if settings is not None else None,
-            "steps_seen": sorted(steps_seen),
-            "peak_mem_source": peak_src,
-            "packages": [[n for unit in p for n, _ in unit] for p in packages],
-        }
-        return MethodReport(
-            name=self.name,
-            kind=self.kind,
-            patched=len(layers),
-            sparsity=metrics["sparsity"],
-            metrics=metrics,
-            details=details,
+def param_change(before: int, after: int) -> dict[str, float]:
+    """``params_before``, ``params_after``, ``param_reduction`` of a method that changes shapes."""
+    return {"params_before": float(before), "params_after": float(after),
+            "param_reduction": 1.0 - after / before}
+
+
+def build_report(
+    method: Method,
+    device: torch.device,
+    *,
+    patched: int,
+    sparsity: float,
+    metrics: dict[str, float],
+    details: dict[str, Any],
+    run: PackageRun | None = None,
+) -> MethodReport:
+    """The report of every weight method, measured after pruning.
+
+    Args:
+        device: the denoiser's device; peak memory (``peak_mem_gb``; ``details.peak_mem_source``
+            says what was measured) is read from it.
+        patched: layers (layer-wise) or modules (structured) the method changed; 0 is an error,
+            never a silent no-op.
+        sparsity: the measured sparsity (``metrics.sparsity`` and ``report.sparsity``).
+        metrics, details: the method's own measurements.
+        run: the package loop's record, when the method ran one: its timing
+            (``calib_seconds``, ``solve_seconds``, ``prune_seconds``), ``stats_peak_mb``,
+            ``num_packages`` and, in details, the weighting, calibration settings, steps seen and
+            the layer names of every package.
+    """
+    if patched <= 0:
+        raise NothingPatchedError(
+            f"<method={method.name}> changed nothing at sparsity={sparsity:g} (a pruning that "
+            "leaves the model as it was is reported as an error); raise the sparsity or check "
+            "method.targets"
         )
+    peak_gb, peak_src = peak_memory(device)
+    out = {"sparsity": sparsity, **metrics}
+    info = dict(details, peak_mem_source=peak_src)
+    if run is not None:
+        out.update({
+            "calib_seconds": run.calib_seconds,
+            "solve_seconds": run.solve_seconds,
+            "prune_seconds": run.calib_seconds + run.solve_seconds,
+            "stats_peak_mb": run.stats_peak_bytes / 2**20,
+            "num_packages": float(len(run.packages)),
+        })
+        info.update({
+            "weighting": run.weighting,
+            "calibration": run.settings.to_dict() if run.settings is not None else None,
+            "steps_seen": sorted(run.steps_seen),
+            "packages": [[n for unit in p for n, _ in unit] for p in run.packages],
+        })
+    out["peak_mem_gb"] = peak_gb
+    return MethodReport(name=method.name, kind=method.kind, patched=int(patched),
+                        sparsity=float(sparsity), metrics=out, details=info)

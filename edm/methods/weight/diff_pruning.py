@@ -32,6 +32,8 @@ from torch import nn
 
 from edm.errors import ConfigError, UnsupportedFamily
 from edm.methods.base import ApplyContext, MethodReport, WeightMethod
+from edm.methods.weight.base_weight import build_report, param_change
+from edm.methods.weight.io import save_to_run
 
 log = logging.getLogger(__name__)
 
@@ -240,14 +242,10 @@ class DiffPruning(WeightMethod):
                    "losses": grads.get("losses", []), "repaired_modules": repaired,
                    "finetune": ft, "num_heads_passed": bool(self.num_heads)}
         if self.save:
-            from edm.methods.weight.io import save_to_run
-
             details["saved_to"] = save_to_run(unet, ctx, {"method": self.name,
                                                          "sparsity": self.sparsity})
         metrics = {
-            "sparsity": 1 - params_after / params_before,
-            "params_before": float(params_before), "params_after": float(params_after),
-            "param_reduction": 1 - params_after / params_before,
+            **param_change(params_before, params_after),
             "timesteps_used": float(grads["timesteps_used"]),
             "prune_seconds": prune_seconds, "finetune_seconds": ft["seconds"],
             "finetune_steps": float(self.finetune_steps),
@@ -257,8 +255,10 @@ class DiffPruning(WeightMethod):
         changed = {n.rpartition(".")[0] for n, p in unet.named_parameters()
                    if p.shape != shapes_before.get(n)}
         details["changed_modules"] = len(changed)
-        return MethodReport(name=self.name, kind=self.kind, patched=len(changed),
-                            sparsity=metrics["sparsity"], metrics=metrics, details=details)
+        # torch-pruning, not the package loop: no PackageRun; the sparsity is the parameters gone
+        return build_report(self, unet.device, patched=len(changed),
+                            sparsity=1 - params_after / params_before, metrics=metrics,
+                            details=details)
 
 
 def finetune(unet, scheduler, x_all, ctx_all, steps, lr, batch_size, p_uncond, empty_ctx, g) -> dict:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from edm.errors import ConfigError
-from edm.methods.weight.base_weight import PruningMethod, write_weight
+from edm.methods.weight.base_layerwise import LayerwisePruning
+from edm.methods.weight.base_weight import write_weight
 from edm.methods.weight.hessian import DSnoTStat
 from edm.methods.weight.masks import nm_mask, row_mask
 from edm.methods.weight.obs import hinv_cholesky, prepare_hessian
@@ -122,8 +123,8 @@ def dsnot_mask(
     return mask
 
 
-class DSnoT(PruningMethod):
-    """DSnoT with a Hessian-score start (shared args: :class:`PruningMethod`).
+class DSnoT(LayerwisePruning):
+    """DSnoT with a Hessian-score start (shared args: :class:`LayerwisePruning`).
 
     Args:
         max_cycle_time: swaps per row at most (50).

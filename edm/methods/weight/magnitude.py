@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edm.methods.weight.base_weight import PruningMethod, write_weight
+from edm.methods.weight.base_layerwise import LayerwisePruning
+from edm.methods.weight.base_weight import write_weight
 from edm.methods.weight.masks import global_mask, nm_mask
 
 
@@ -23,11 +24,11 @@ def magnitude_prune(
     return W.masked_fill_(mask, 0.0)
 
 
-class Magnitude(PruningMethod):
-    """Layer-wise magnitude pruning. Takes the shared arguments of :class:`PruningMethod`;
+class Magnitude(LayerwisePruning):
+    """Layer-wise magnitude pruning. Takes the shared arguments of :class:`LayerwisePruning`;
     calibration-related ones (weighting, num_groups, calibration) are accepted and unused."""
 
-    needs_calibration = False
+    needs_calib = False
 
     def __init__(self, sparsity: float, name: str = "magnitude", **kwargs):
         super().__init__(sparsity, name=name, **kwargs)

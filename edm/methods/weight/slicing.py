@@ -14,20 +14,21 @@ projections whose input columns are the heads / neurons (``to_out.0``, MMDiT's `
 A masked target (consumer columns zeroed, producers intact) computes exactly what the sliced one
 computes, which is what ``tests/test_structured.py`` checks. Slicing replaces parameters of the
 existing ``nn.Linear`` objects, so hooks and references to the modules stay valid.
+
+This module knows where the structures are and how to mask, slice and measure them; *which*
+groups go is each method's ``choose`` (:class:`edm.methods.weight.base_structured.StructuredPruning`
+runs the package loop around it).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from edm.families import adapter
-from edm.methods.weight import structured as K
-from edm.methods.weight.calibrate import split_packages  # the same packages as part A's methods
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class StructuredTarget:
         consumers: ``(name, linear)`` whose input columns are pruned; need input Hessians.
         producers: ``(name, linear, gated)`` whose output rows are sliced; ``gated`` = GEGLU.
         group_size: columns per group (head_dim, or 1 for neurons).
-        pruned: pruned group indices, set by :func:`prune_target` / :func:`mask_target`.
+        pruned: pruned group indices, set by a method's ``choose`` (or :func:`mask_target`).
     """
 
     name: str
@@ -94,15 +95,6 @@ def _ffn_target(name, ff, group, idx) -> StructuredTarget | None:
     )
 
 
-_STAGE_RANK = {"down": 0, "mid": 1, "up": 2, "joint": 0}
-
-
-def forward_order(blocks: list) -> list:
-    """Attention blocks in forward order. ``named_modules`` lists a UNet's ``up_blocks`` before
-    its ``mid_block`` (registration order), so the adapter's order is not the forward order."""
-    return sorted(blocks, key=lambda b: (_STAGE_RANK.get(b.stage, 0), b.stage_index, b.position))
-
-
 def resolve_exclude_first_last(exclude_first_last: bool | None, arch: str) -> bool:
     """``None`` = what the paper's tables do for this architecture.
 
@@ -136,7 +128,7 @@ def structured_targets(
     """
     ad = adapter(family)
     exclude_first_last = resolve_exclude_first_last(exclude_first_last, ad.arch)
-    layers = [(n, m) for blk in forward_order(ad.attention_blocks(denoiser)) for n, m in blk.layers]
+    layers = [(n, m) for blk in ad.attention_blocks(denoiser) for n, m in blk.layers]  # forward order
     targets = []
     for idx, (name, layer) in enumerate(layers):
         if exclude_first_last and idx in (0, len(layers) - 1):
@@ -173,52 +165,6 @@ def structured_units(targets: list[StructuredTarget]) -> list[list[Named]]:
         units.append(list(t.consumers))
         last_ffn_layer = t.layer_index if t.kind == "ffn" else None
     return units
-
-
-def _write(linear: nn.Linear, W: torch.Tensor) -> None:
-    with torch.no_grad():
-        linear.weight.copy_(W.to(linear.weight.dtype))
-
-
-def prune_target(
-    target: StructuredTarget,
-    hessians: dict[str, torch.Tensor],
-    sparsity: float,
-    percdamp: float = 0.01,
-    no_compensate: bool = False,
-    rrf_k: int = 60,
-) -> dict:
-    """Structured OBS on one target, in place on its consumers (dense: columns zeroed).
-
-    Args:
-        hessians: input Hessian (fp32) of every consumer, by name.
-        sparsity: fraction of heads / neurons to remove (see ``num_to_prune``).
-        percdamp, no_compensate, rrf_k: see :mod:`edm.methods.weight.structured`.
-
-    Returns:
-        ``{"name", "kind", "groups", "pruned", "score"}``; ``target.pruned`` is set.
-    """
-    missing = [n for n, _ in target.consumers if n not in hessians]
-    if missing:
-        raise KeyError(f"structured OBS needs the input Hessians of {missing}")
-    k = target.num_to_prune(sparsity)
-    Ws = [lin.weight for _, lin in target.consumers]
-    Hs = [hessians[n].to(Ws[0].device) for n, _ in target.consumers]
-    if k == 0:
-        target.pruned = []
-        return {"name": target.name, "kind": target.kind, "groups": target.num_groups,
-                "pruned": 0, "score": 0.0}
-    if len(Ws) > 1:
-        res = K.obs_prune_heads_joint(Ws, Hs, k, target.group_size, percdamp, no_compensate, rrf_k)
-        new = res.W
-    else:
-        res = K.obs_prune_structured(Ws[0], Hs[0], k, target.group_size, percdamp, no_compensate)
-        new = [res.W]
-    for (_, lin), W in zip(target.consumers, new):
-        _write(lin, W)
-    target.pruned = res.pruned.tolist()
-    return {"name": target.name, "kind": target.kind, "groups": target.num_groups,
-            "pruned": k, "score": res.score}
 
 
 def _columns(target: StructuredTarget, groups: list[int]) -> torch.Tensor:
@@ -287,46 +233,6 @@ def slice_targets(targets: list[StructuredTarget]) -> dict:
         slice_target(t)
         out[t.name] = {"before": before, "after": t.num_groups}
     return out
-
-
-def prune_structured(
-    denoiser: nn.Module,
-    family: str,
-    sparsity: float,
-    collect_hessians: Callable[[list[Named]], dict[str, torch.Tensor]],
-    *,
-    exclude_first_last: bool | None = None,
-    num_packages: int = 4,
-    percdamp: float = 0.01,
-    no_compensate: bool = False,
-    rrf_k: int = 60,
-    do_slice: bool = True,
-    groups=("attn", "ff", "context"),
-) -> dict:
-    """Structured OBS-Diff over a whole denoiser, package by package, then physical slicing.
-
-    Args:
-        collect_hessians: calibrates ONE package: given its consumer linears, runs the
-            calibration trajectories and returns each one's fp32 input Hessian (timestep
-            weighted). Called once per package, with the earlier packages already pruned.
-        num_packages: OBS-Diff module packages (4); exclude_first_last, groups: see
-            :func:`structured_targets`; do_slice: False leaves the dense masked model.
-
-    Returns:
-        details: per-target results, ``params_before``/``params_after``.
-    """
-    targets = structured_targets(denoiser, family, exclude_first_last, groups)
-    params_before = count_params(denoiser)
-    weights_before = target_weight_count(targets)
-    by_consumer = {n: t for t in targets for n, _ in t.consumers}
-    results = []
-    for package in split_packages(structured_units(targets), num_packages):
-        layers = [nl for unit in package for nl in unit]
-        hessians = collect_hessians(layers)
-        for t in dict.fromkeys(by_consumer[n] for n, _ in layers):  # ordered, unique
-            results.append(prune_target(t, hessians, sparsity, percdamp, no_compensate, rrf_k))
-        del hessians
-    return finish(denoiser, targets, results, params_before, weights_before, do_slice)
 
 
 def target_weight_count(targets: list[StructuredTarget]) -> int:

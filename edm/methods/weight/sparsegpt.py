@@ -10,17 +10,16 @@ from edm.methods.weight.obs_diff import OBSDiff
 
 
 class SparseGPT(OBSDiff):
-    """SparseGPT = :class:`OBSDiff` with ``weighting="uniform"`` and unstructured granularity."""
+    """SparseGPT = :class:`OBSDiff` with ``weighting="uniform"`` (unstructured and N:M only)."""
 
     def __init__(
         self, sparsity: float, weighting: str = "uniform", name: str = "sparsegpt", **kwargs
     ):
+        # OBSDiff has no granularity: refuse it by name rather than with a TypeError
         if kwargs.pop("granularity", "unstructured") != "unstructured":
             raise ConfigError(
                 "method.granularity",
                 "SparseGPT is unstructured/N:M only; use method=obs_diff.",
                 ["unstructured"],
             )
-        super().__init__(
-            sparsity, weighting=weighting, name=name, granularity="unstructured", **kwargs
-        )
+        super().__init__(sparsity, weighting=weighting, name=name, **kwargs)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edm.methods.weight.base_weight import PruningMethod, write_weight
+from edm.methods.weight.base_layerwise import LayerwisePruning
+from edm.methods.weight.base_weight import write_weight
 from edm.methods.weight.hessian import InputNormStat
 from edm.methods.weight.masks import nm_mask, row_mask
 
@@ -25,8 +26,9 @@ def wanda_prune(
     return W.masked_fill_(mask, 0.0)
 
 
-class Wanda(PruningMethod):
-    """Wanda with module packages and timestep weighting (shared args: :class:`PruningMethod`)."""
+class Wanda(LayerwisePruning):
+    """Wanda with module packages and timestep weighting. Shared arguments:
+    :class:`LayerwisePruning`."""
 
     def __init__(self, sparsity: float, name: str = "wanda", **kwargs):
         super().__init__(sparsity, name=name, **kwargs)
