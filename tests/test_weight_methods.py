@@ -45,24 +45,10 @@ class Prompts:
 
 
 # ---- tiny pipelines ------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: intra-op threads only add contention (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def pipes():
-    """Shared tiny pipelines (``edm.models.tiny``); each test deep-copies the one it mutates."""
-    from edm.models.tiny import tiny_sd3, tiny_sd15
-
-    out = {"sd15": tiny_sd15(), "sd3": tiny_sd3()}
-    for p in out.values():
-        p.set_progress_bar_config(disable=True)
-    return out
+def pipes(tiny_pipes):
+    """conftest's tiny pipelines; each test deep-copies the one it mutates."""
+    return tiny_pipes
 
 
 def _ctx(family: str, calib=None, **gen):

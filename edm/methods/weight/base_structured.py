@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from edm.errors import ConfigError, NothingPatchedError
+from edm.eval.flops import count_params
 from edm.families import adapter
 from edm.methods.base import ApplyContext, MethodReport
 from edm.methods.weight.base_weight import PruningMethod, build_report, param_change
@@ -23,7 +24,6 @@ from edm.methods.weight.calibrate import Unit
 from edm.methods.weight.io import save_to_run
 from edm.methods.weight.slicing import (
     StructuredTarget,
-    count_params,
     finish,
     structured_targets,
     structured_units,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edm.eval.flops import count_params
 from edm.families import adapter
 
 log = logging.getLogger(__name__)
@@ -219,10 +220,6 @@ def slice_target(target: StructuredTarget) -> None:
             attn.sliceable_head_dim = len(keep)
     target.info["kept"] = len(keep)
     target.pruned = []  # sliced: indices no longer refer to the module
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def slice_targets(targets: list[StructuredTarget]) -> dict:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edm.methods.weight.obs import prepare_hessian
+from edm.methods.weight.obs import prepare_hessian, reconstruction_error  # noqa: F401 - re-export
 
 __all__ = [
     "StructuredResult",
@@ -237,7 +237,3 @@ def obs_prune_heads_joint(
     )
 
 
-def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """``trace((W - W_hat) H (W - W_hat)^T)``: ‖WX - W_hat X‖² up to H's normalisation."""
-    D = (W.float() - W_hat.float())
-    return float(torch.einsum("ri,ij,rj->", D, H.float(), D))
