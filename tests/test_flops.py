@@ -215,3 +215,34 @@ def test_mmdit_flops_match_obs_diff(name, paper):
     flops = _meta_split(name, context_len=77)
     assert flops["linear_conv"] / 2 == pytest.approx(paper, rel=0.005)
     assert flops["total"] == analytic_mmdit_flops(archs.ARCHS[name].config, 1024, 1024, 77)
+
+
+def _analytic_flux_flops(cfg, height, width, context_len, guidance):
+    """Matmul FLOPs of one FLUX.1 transformer call, written from the architecture (issue 12):
+    19 double-stream blocks (separate image/text projections and MLPs, joint attention) and 38
+    single-stream blocks (q/k/v and the MLP from one input, proj_out reading both), batch 1."""
+    D = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    ni, nt = (height // 16) * (width // 16), context_len  # 2x2-packed latent tokens, text tokens
+    n = ni + nt
+
+    def mm(tokens, a, b):
+        return 2 * tokens * a * b
+
+    emb = mm(ni, cfg["in_channels"], D) + mm(nt, cfg["joint_attention_dim"], D)
+    emb += mm(1, 256, D) + mm(1, D, D) + mm(1, cfg["pooled_projection_dim"], D) + mm(1, D, D)
+    if guidance:  # dev's guidance embedding
+        emb += mm(1, 256, D) + mm(1, D, D)
+    double = (2 * mm(1, D, 6 * D) + 4 * mm(ni, D, D) + 4 * mm(nt, D, D) + 4 * n * n * D
+              + 2 * mm(ni, D, 4 * D) + 2 * mm(nt, D, 4 * D))
+    single = mm(1, D, 3 * D) + mm(n, D, 4 * D) + 3 * mm(n, D, D) + 4 * n * n * D + mm(n, 5 * D, D)
+    out = mm(1, D, 2 * D) + mm(ni, D, cfg["in_channels"])
+    return emb + cfg["num_layers"] * double + cfg["num_single_layers"] * single + out
+
+
+@pytest.mark.parametrize("name", ["flux_dev", "flux_schnell"])
+def test_full_size_flux_flops_on_meta_equal_the_architecture(name):
+    spec = archs.ARCHS[name]
+    model = archs.build_denoiser(name)
+    got = meta_denoiser_flops(model, archs.sample_inputs(name))
+    assert got == _analytic_flux_flops(spec.config, 1024, 1024, spec.context_len,
+                                       spec.config["guidance_embeds"])

@@ -86,6 +86,10 @@ class ArchSpec:
     def is_unet(self) -> bool:
         return self.cls == "UNet2DConditionModel"
 
+    @property
+    def is_flux(self) -> bool:
+        return self.cls == "FluxTransformer2DModel"
+
 
 ARCHS: dict[str, ArchSpec] = {
     "sd15": ArchSpec(
@@ -214,6 +218,50 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
+# FLUX.1 (black-forest-labs/FLUX.1-dev, -schnell: transformer/config.json): 19 double-stream
+# (joint attention, image and text streams) and 38 single-stream blocks, 24 heads x 128, rotary
+# positions from (3-axis) image/text ids, 2x2-packed 16-channel latents (64 input channels).
+# dev is guidance-distilled: a guidance embedding instead of CFG; schnell has none. The family
+# adapter (issue 12) is not written yet: these specs serve parameter and FLOPs counts only.
+_FLUX_COMMON = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "axes_dims_rope": (16, 56, 56),
+}
+ARCHS.update({
+    "flux_dev": ArchSpec(
+        name="flux_dev",
+        family="flux",
+        cls="FluxTransformer2DModel",
+        config=dict(_FLUX_COMMON, guidance_embeds=True),
+        resolution=1024,
+        text_dims=(768, 4096),
+        context_len=512,  # T5 max_sequence_length of the dev pipeline
+        pooled_dim=768,
+        params=11.9e9,
+        params_note="FLUX.1-dev transformer, 11.9 B (BFL: '12 B')",
+    ),
+    "flux_schnell": ArchSpec(
+        name="flux_schnell",
+        family="flux",
+        cls="FluxTransformer2DModel",
+        config=dict(_FLUX_COMMON, guidance_embeds=False),
+        resolution=1024,
+        text_dims=(768, 4096),
+        context_len=256,  # schnell's max_sequence_length
+        pooled_dim=768,
+        params=11.9e9,
+        params_note="FLUX.1-schnell transformer, 11.9 B (no guidance embedding)",
+    ),
+})
+
+
 def arch_spec(name: str) -> ArchSpec:
     """The :class:`ArchSpec` called ``name``; raises ``ConfigError`` listing the known ones."""
     if name not in ARCHS:
@@ -331,6 +379,19 @@ def sample_inputs(
             }
         return out
     ctx = torch.zeros(batch_size, n_ctx, spec.config["joint_attention_dim"], **kw)
+    if spec.is_flux:  # 16-channel latent packed 2x2 into 64-channel tokens, rotary ids per token
+        grid = (h // 2) * (w // 2)
+        out = {
+            "hidden_states": torch.zeros(batch_size, grid, channels, **kw),
+            "timestep": timestep / 1000,  # the Flux pipeline passes t in [0, 1]
+            "encoder_hidden_states": ctx,
+            "pooled_projections": torch.zeros(batch_size, spec.pooled_dim, **kw),
+            "img_ids": torch.zeros(grid, 3, **kw),
+            "txt_ids": torch.zeros(n_ctx, 3, **kw),
+        }
+        if spec.config.get("guidance_embeds"):
+            out["guidance"] = torch.full((batch_size,), 3.5, **kw)
+        return out
     return {
         "hidden_states": sample,
         "timestep": timestep,
