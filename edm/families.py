@@ -22,8 +22,13 @@ from torch import nn
 
 from edm.errors import UnsupportedFamily
 
-FAMILIES = ("digits", "sd15", "sd21", "sdxl", "sd3")
-ARCH = {"digits": "unet", "sd15": "unet", "sd21": "unet", "sdxl": "unet", "sd3": "mmdit"}
+FAMILIES = ("digits", "sd15", "sd21", "sdxl", "sd3", "flux")
+ARCH = {"digits": "unet", "sd15": "unet", "sd21": "unet", "sdxl": "unet", "sd3": "mmdit",
+        "flux": "flux"}
+# The families a method supports unless it says otherwise (``Method.supported_families``).
+# FLUX.1 is a family (dense runs, adapter, FLOPs) before every method is ported to it
+# (issue 12): a method opts in by listing it, so none claims Flux support it does not have.
+METHOD_FAMILIES = ("digits", "sd15", "sd21", "sdxl", "sd3")
 
 # Schedulers a family's pipeline can run (``model.loader.scheduler``). UNet families are
 # epsilon/v-prediction models: any of diffusers' ``KarrasDiffusionSchedulers`` (the set their
@@ -37,6 +42,8 @@ SCHEDULERS = {
              "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler",
              "EDMEulerScheduler"),
     "mmdit": ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"),
+    # FluxPipeline passes resolution-dependent shift (mu) and sigmas: Euler flow matching only
+    "flux": ("FlowMatchEulerDiscreteScheduler",),
 }
 
 # Target groups a weight method may select (``method.targets``).
@@ -93,12 +100,19 @@ _MMDIT_UNITS = [
 ]
 _CONTEXT_SUFFIXES = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.")
 
+# FLUX.1: double-stream blocks are MMDiT joint blocks (image and text streams, joint attention);
+# single-stream blocks compute q/k/v and the MLP up-projection from one normalised input (one
+# unit) and ``proj_out`` reads the attention output and the MLP activations concatenated.
+_FLUX_DOUBLE_UNITS = _MMDIT_UNITS
+_FLUX_SINGLE_UNITS = [["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], ["proj_out"]]
+
 
 def _group_of(name: str) -> str:
-    """Which target group (``attn``/``ff``/``context``) a linear belongs to."""
+    """Which target group (``attn``/``ff``/``context``) a linear belongs to. A single-stream
+    ``proj_out`` mixes both and counts as ``attn`` (it is the block's output projection)."""
     if any(s in name for s in _CONTEXT_SUFFIXES):
         return "context"
-    return "ff" if ".ff." in f".{name}" else "attn"
+    return "ff" if ".ff." in f".{name}" or name.endswith(".proj_mlp") else "attn"
 
 
 class Adapter:
@@ -233,7 +247,31 @@ class MMDiTAdapter(Adapter):
         ]
 
 
-_ADAPTERS = {"unet": UNetAdapter(), "mmdit": MMDiTAdapter()}
+class FluxAdapter(Adapter):
+    """``FluxTransformer2DModel``: ``transformer_blocks`` (double-stream, stage ``double``) then
+    ``single_transformer_blocks`` (stage ``single``), in forward order."""
+
+    arch = "flux"
+    denoiser_attr = "transformer"
+
+    def attention_blocks(self, denoiser):
+        out = []
+        for stage, attr in (("double", "transformer_blocks"), ("single", "single_transformer_blocks")):
+            blocks = getattr(denoiser, attr)
+            out += [AttentionBlock(name=f"{attr}.{i}", module=b, layers=[(f"{attr}.{i}", b)],
+                                   stage=stage, stage_index=0, position=i, stage_len=len(blocks))
+                    for i, b in enumerate(blocks)]
+        return out
+
+    def _units_per_layer(self, denoiser):
+        return [
+            [[f"{b.name}.{s}" for s in unit]
+             for unit in (_FLUX_DOUBLE_UNITS if b.stage == "double" else _FLUX_SINGLE_UNITS)]
+            for b in self.attention_blocks(denoiser)
+        ]
+
+
+_ADAPTERS = {"unet": UNetAdapter(), "mmdit": MMDiTAdapter(), "flux": FluxAdapter()}
 
 
 def adapter(family_or_pipe) -> Adapter:
@@ -249,8 +287,9 @@ def family_of(pipe) -> str:
     fam = getattr(pipe, "edm_family", None)
     if fam:
         return fam
-    if hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None:
-        return "sd3"
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        return "flux" if hasattr(transformer, "single_transformer_blocks") else "sd3"
     unet = getattr(pipe, "unet", None)
     if unet is None:
         raise UnsupportedFamily(f"cannot tell the family of {type(pipe).__name__}")

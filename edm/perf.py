@@ -77,8 +77,12 @@ def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
         return {}
     avg = sum(per_call) / len(per_call)
     # Pipelines batch the CFG halves into one call (diffusers: CFG on when guidance_scale > 1);
-    # the papers quote FLOPs per denoiser forward of ONE sample, hence the division.
-    cfg_batch = 2 if float(gen["guidance_scale"]) > 1.0 else 1
+    # the papers quote FLOPs per denoiser forward of ONE sample, hence the division. FLUX.1 is
+    # guidance-distilled: its guidance scale is an embedding input, one sample per call.
+    from edm.families import ARCH, family_of
+
+    distilled = ARCH.get(family_of(pipe)) == "flux"
+    cfg_batch = 2 if float(gen["guidance_scale"]) > 1.0 and not distilled else 1
     return {"gflops_per_step": avg / 1e9, "tflops_per_forward": avg / cfg_batch / 1e12,
             "denoiser_calls": float(len(per_call))}
 

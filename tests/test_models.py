@@ -18,7 +18,8 @@ from edm.models.tokenizers import VOCAB_SIZE, clip_tokenizer
 from edm.models.zoo import FullSizePipeline, HubPipeline
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-HUB_MODELS = ["sd15", "sd21", "sdxl", "sd3_medium", "sd35_medium", "sd35_large"]
+HUB_MODELS = ["sd15", "sd21", "sdxl", "sd3_medium", "sd35_medium", "sd35_large", "flux_dev",
+              "flux_schnell"]
 
 
 

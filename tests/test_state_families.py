@@ -63,7 +63,7 @@ def test_mmdit_units_include_context_stream():
 
 def test_unknown_family():
     with pytest.raises(UnsupportedFamily):
-        adapter("flux")
+        adapter("vqgan")
 
 
 def test_step_tracker_positional_unet():

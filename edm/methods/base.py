@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from edm.errors import NothingPatchedError, UnsupportedFamily
-from edm.families import FAMILIES
+from edm.families import METHOD_FAMILIES
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Method(abc.ABC):
     """Base class. Subclasses set ``kind`` and ``supported_families`` and implement ``apply``."""
 
     kind: ClassVar[str] = "none"
-    supported_families: ClassVar[tuple[str, ...]] = FAMILIES
+    supported_families: ClassVar[tuple[str, ...]] = METHOD_FAMILIES
     name: str = "method"
 
     def check(self, family: str) -> None:

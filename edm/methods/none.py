@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from edm.families import FAMILIES
 from edm.methods.base import ApplyContext, Method, MethodReport
 
 
@@ -9,6 +10,7 @@ class NoMethod(Method):
     """Identity method (``method=none``)."""
 
     kind = "none"
+    supported_families = FAMILIES  # the dense baseline runs on every family, FLUX.1 included
 
     def __init__(self, name: str = "none", tag: str = "dense", **ignored):
         # Sweeps such as `method=none,wanda ++method.pattern=2:4` pass method knobs to every

@@ -37,6 +37,7 @@ PIPELINE_CLASSES = {
     "sd21": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
 }
 
 # model_index.json entries that are not components (or hold no weights we need).

@@ -1,0 +1,85 @@
+"""FLUX.1 as a family, the part that exists so far (issue 12): the adapter on a tiny
+``FluxTransformer2DModel`` built from a config, the model configs' pre-load checks, and that no
+method claims Flux support it does not have."""
+
+from unittest.mock import patch
+
+import pytest
+import torch
+from torch import nn
+
+from edm.errors import ConfigError, MissingWeightsError, UnsupportedFamily
+from edm.families import adapter, family_of
+from edm.runner import run
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+            guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def test_adapter_blocks_in_forward_order(tiny_flux):
+    blocks = adapter("flux").attention_blocks(tiny_flux)
+    assert [(b.stage, b.position) for b in blocks] == \
+        [("double", 0), ("double", 1), ("single", 0), ("single", 1), ("single", 2)]
+    assert blocks[2].name == "single_transformer_blocks.0" and all(b.downsample == 1 for b in blocks)
+
+
+def test_adapter_units_cover_every_block_linear(tiny_flux):
+    ad = adapter("flux")
+    units = ad.linear_units(tiny_flux)
+    names = [n for u in units for n, _ in u]
+    assert all(isinstance(m, nn.Linear) for u in units for _, m in u) and len(set(names)) == len(names)
+    # single-stream: q/k/v and the MLP up-projection read one input (one unit); proj_out alone
+    assert ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+            "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"] in \
+        [[n for n, _ in u] for u in units]
+    # every linear of the blocks except the AdaLN modulation (norm*.linear) is prunable
+    want = {n for n, m in tiny_flux.named_modules() if isinstance(m, nn.Linear)
+            and "transformer_blocks." in n and ".norm" not in n}
+    assert set(names) == want
+    assert {n for u in ad.linear_units(tiny_flux, groups=("ff",)) for n, _ in u} == \
+        {n for n in want if ".ff." in n or n.endswith("proj_mlp")}
+    assert ad.num_layers(tiny_flux) == 5
+
+
+def test_family_is_inferred_from_the_single_stream_blocks(tiny_flux):
+    class Holder:
+        transformer = tiny_flux
+
+    assert family_of(Holder()) == "flux"
+
+
+def _no_load(*_a, **_k):
+    raise AssertionError("loaded before the bad value was rejected")
+
+
+@pytest.mark.parametrize("overrides,err,match", [
+    (["model=flux_schnell", "gen.guidance_scale=3.5"], ConfigError, "<gen.guidance_scale>"),
+    (["model=flux_dev", "gen.negative_prompt=blurry"], ConfigError, "<gen.negative_prompt>"),
+    (["model=flux_dev", "gen.height=1000"], ConfigError, "multiple of 16"),
+    (["model=flux_dev", "model.loader.scheduler=EulerDiscreteScheduler"], ConfigError,
+     "FlowMatchEulerDiscreteScheduler"),
+    (["model=flux_dev", "method=tome"], UnsupportedFamily, "does not support model family 'flux'"),
+    (["model=flux_dev", "method=obs_diff"], UnsupportedFamily, "'flux'"),
+])
+def test_flux_configs_fail_before_loading(compose_cfg, overrides, err, match):
+    cfg = compose_cfg("logger=none", *overrides)
+    with patch("edm.models.zoo.HubPipeline.load", _no_load), pytest.raises(err, match=match):
+        run(cfg)
+
+
+def test_missing_flux_weights_name_the_repo_and_the_licence(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(MissingWeightsError, match="(?s)black-forest-labs/FLUX.1-dev.*licence"):
+        run(compose_cfg("logger=none", "model=flux_dev"))
