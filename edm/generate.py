@@ -90,6 +90,7 @@ def call_pipe(pipe, items: list[PromptItem], gen: dict, device: torch.device) ->
     )
     if gen.get("negative_prompt"):
         kwargs["negative_prompt"] = [gen["negative_prompt"]] * len(items)
+    kwargs.update(gen.get("call_kwargs") or {})  # e.g. FLUX's max_sequence_length
     with torch.inference_mode():
         out = pipe(**kwargs)
     return out.images

@@ -72,6 +72,7 @@ def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
         generator=[torch.Generator("cpu").manual_seed(int(item.seed))],
         output_type="pt",
     )
+    kwargs.update(gen.get("call_kwargs") or {})
     per_call = F.measure_denoiser_flops(pipe, **kwargs)
     if not per_call:
         return {}

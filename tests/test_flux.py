@@ -83,3 +83,29 @@ def test_missing_flux_weights_name_the_repo_and_the_licence(compose_cfg, tmp_pat
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(MissingWeightsError, match="(?s)black-forest-labs/FLUX.1-dev.*licence"):
         run(compose_cfg("logger=none", "model=flux_dev"))
+
+
+def test_tiny_flux_end_to_end_dense(compose_cfg):
+    """model=tiny_flux through the runner: offline tokenizers, FLOPs per sample (no CFG batch:
+    the guidance is an embedding), the size check agrees with the pipeline's own."""
+    import json
+    from pathlib import Path
+
+    cfg = compose_cfg("model=tiny_flux", "logger=none", "data.num_prompts=2", "gen.batch_size=2")
+    run(cfg)
+    rec = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    m = rec["metrics"]
+    assert rec["run"]["family"] == "flux" and m["perf/images_generated"] == 2
+    assert m["perf/gflops_per_step"] > 0
+    # one sample per call: TFLOPs per forward equals the per-step count (no division by 2)
+    assert m["perf/tflops_per_forward"] == pytest.approx(m["perf/gflops_per_step"] / 1e3)
+    assert rec["run"]["protocol"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_tiny_flux_size_multiple_is_the_pipelines_own():
+    from edm.models.tiny import tiny_flux
+
+    pipe = tiny_flux()
+    from edm.configs import compose
+
+    assert compose("model=tiny_flux").model.limits.size_multiple == pipe.vae_scale_factor * 2

@@ -68,6 +68,20 @@ def clip_text_encoder(
         return cls(cfg).eval()
 
 
+def t5_tokenizer():
+    """An offline T5 (SentencePiece-Unigram) tokenizer over characters: the real tokenizer class
+    and special tokens (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), a vocabulary small enough for tiny
+    T5 encoders. Every text tokenizes (one piece per character, ``▁`` marks word starts)."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
 def tiny_vae(latent_channels: int = 4, levels: int = 2, sd3: bool = False, seed: int = 0):
     """A small ``AutoencoderKL``; ``levels`` blocks downsample by ``2**(levels-1)``."""
     from diffusers import AutoencoderKL
@@ -120,6 +134,10 @@ _SCHEDULERS = {
     "sd21": ("DDIMScheduler", dict(_SD_BETAS, clip_sample=False, set_alpha_to_one=False)),
     "sdxl": ("EulerDiscreteScheduler", dict(_SD_BETAS, timestep_spacing="leading")),
     "sd3": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    # FLUX.1's scheduler_config.json: the shift grows with the image's token count (mu)
+    "flux": ("FlowMatchEulerDiscreteScheduler", {
+        "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+        "base_image_seq_len": 256, "max_image_seq_len": 4096}),
 }
 
 

@@ -31,6 +31,7 @@ from edm.models.components import (
     default_scheduler,
     scheduler_class,
     set_scheduler,
+    t5_tokenizer,
     tiny_vae,
     tokenizer,
 )
@@ -164,7 +165,49 @@ def tiny_sd3(
     return pipe
 
 
-TINY_BUILDERS = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3}
+def tiny_flux(seed: int = 0, num_layers: int = 2, num_single_layers: int = 2,
+              guidance_embeds: bool = True):
+    """Tiny ``FluxPipeline``: double- and single-stream blocks with rotary positions, a CLIP
+    encoder for the pooled embedding and a T5 encoder for the sequence, both with offline
+    tokenizers, flow-match Euler with FLUX.1's dynamic shift. ``guidance_embeds`` (dev) or not
+    (schnell). A 2-level VAE with 4 latent channels, packed 2x2 into 16-channel tokens, so a
+    32x32 image is 8x8 = 64 image tokens."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    te_dim, t5_dim = 16, 32
+    t5_tok = t5_tokenizer()
+    transformer = _seeded(
+        seed,
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=16,  # 4 latent channels x 2x2 packing
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=te_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),  # sums to the head dim, as (16, 56, 56) does to 128
+    )
+    t5 = _seeded(seed + 3, T5EncoderModel, config=T5Config(
+        vocab_size=len(t5_tok), d_model=t5_dim, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+        pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id))
+    pipe = FluxPipeline(
+        transformer=transformer,
+        vae=tiny_vae(4, sd3=True, seed=seed + 1),  # FLUX's VAE also has shift + scale, no quant conv
+        text_encoder=clip_text_encoder(te_dim, seed=seed + 2),
+        tokenizer=tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
+        scheduler=default_scheduler("flux"),
+    )
+    pipe.edm_family = "flux"
+    return pipe
+
+
+TINY_BUILDERS = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
 
 
 class TinyPipeline:
