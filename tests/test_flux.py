@@ -68,7 +68,8 @@ def _no_load(*_a, **_k):
     (["model=flux_dev", "model.loader.scheduler=EulerDiscreteScheduler"], ConfigError,
      "FlowMatchEulerDiscreteScheduler"),
     (["model=flux_dev", "method=tome"], UnsupportedFamily, "does not support model family 'flux'"),
-    (["model=flux_dev", "method=obs_diff"], UnsupportedFamily, "'flux'"),
+    (["model=flux_dev", "method=at_edm"], UnsupportedFamily, "'flux'"),
+    (["model=flux_dev", "method=obs_diff_structured"], UnsupportedFamily, "'flux'"),
 ])
 def test_flux_configs_fail_before_loading(compose_cfg, overrides, err, match):
     cfg = compose_cfg("logger=none", *overrides)
@@ -109,3 +110,34 @@ def test_tiny_flux_size_multiple_is_the_pipelines_own():
     from edm.configs import compose
 
     assert compose("model=tiny_flux").model.limits.size_multiple == pipe.vae_scale_factor * 2
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "obs_diff", "dsnot"])
+def test_layerwise_weight_methods_prune_both_block_types(method):
+    """Every unstructured method on tiny_flux: all 34 block linears (double- and single-stream)
+    at the target sparsity; calibration sees one row per prompt (distilled guidance, no CFG
+    halves), so the transformer's batch equals the calibration batch."""
+    from hydra.utils import instantiate
+
+    from edm.configs import compose
+    from edm.methods.base import ApplyContext
+    from edm.models.tiny import tiny_flux
+    from edm.runner import build_method
+
+    cfg = compose("model=tiny_flux", f"method={method}", "sparsity=0.5", "calib.num_prompts=4")
+    pipe = tiny_flux()
+    batches = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    m = build_method(cfg)
+    m.check("flux")
+    gen = {"num_inference_steps": 2, "guidance_scale": 3.5, "height": 32, "width": 32,
+           "batch_size": 4}
+    rep = m.apply(pipe, ApplyContext(family="flux", gen=gen, calib=instantiate(cfg.calib)))
+    per_layer = rep.details["per_layer_sparsity"]
+    assert rep.patched == len(per_layer) == 34
+    assert {"single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.1.proj_out",
+            "transformer_blocks.0.attn.add_k_proj"} <= set(per_layer)
+    assert all(abs(s - 0.5) < 0.01 for s in per_layer.values()), per_layer
+    if m.needs_calib:
+        assert batches and set(batches) == {4}

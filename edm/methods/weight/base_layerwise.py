@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from edm.errors import ConfigError, NothingPatchedError
-from edm.families import adapter
+from edm.families import METHOD_FAMILIES, adapter
 from edm.methods.base import ApplyContext, MethodReport
 from edm.methods.weight.base_weight import PruningMethod, build_report
 from edm.methods.weight.calibrate import Unit
@@ -29,6 +29,10 @@ class LayerwisePruning(PruningMethod):
         blocks: ``null`` (all transformer layers) or ``[start, stop)`` layer indices in forward
             order; the paper's 2:4 table prunes SD3.5-Large blocks 3..25 only.
     """
+
+    # Layer-wise pruning needs only the adapter's linear units and a pipeline call for
+    # calibration, which FLUX.1 has (its pipeline batches no CFG halves: one row per prompt).
+    supported_families = (*METHOD_FAMILIES, "flux")
 
     def __init__(self, sparsity: float, pattern: str = "unstructured", blocks=None, **kwargs):
         super().__init__(sparsity, **kwargs)
