@@ -57,7 +57,7 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
     return {"peak_mem_gb": peak_memory(device)[0], "peak_rss_gb": _peak_rss_gb()}
 
 
-def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
+def flops_per_step(pipe, item, gen: dict, guidance: str = "cfg") -> dict[str, float]:
     """Average denoiser FLOPs per denoising step for one image (CFG batch included), measured by
     running the pipeline once under ``torch.utils.flop_counter`` (step-dependent methods such as
     DSAP are averaged over the real trajectory)."""
@@ -77,13 +77,11 @@ def flops_per_step(pipe, item, gen: dict) -> dict[str, float]:
     if not per_call:
         return {}
     avg = sum(per_call) / len(per_call)
-    # Pipelines batch the CFG halves into one call (diffusers: CFG on when guidance_scale > 1);
-    # the papers quote FLOPs per denoiser forward of ONE sample, hence the division. FLUX.1 is
-    # guidance-distilled: its guidance scale is an embedding input, one sample per call.
-    from edm.families import ARCH, family_of
-
-    distilled = ARCH.get(family_of(pipe)) == "flux"
-    cfg_batch = 2 if float(gen["guidance_scale"]) > 1.0 and not distilled else 1
+    # CFG pipelines batch the two halves into one call (diffusers: CFG on when guidance_scale >
+    # 1); the papers quote FLOPs per denoiser forward of ONE sample, hence the division.
+    # ``guidance`` is the model's ``limits.guidance``: a distilled model (FLUX.1-dev) takes the
+    # scale as an embedding input and runs one sample per call.
+    cfg_batch = 2 if guidance == "cfg" and float(gen["guidance_scale"]) > 1.0 else 1
     return {"gflops_per_step": avg / 1e9, "tflops_per_forward": avg / cfg_batch / 1e12,
             "denoiser_calls": float(len(per_call))}
 

@@ -177,7 +177,8 @@ def measure(plan: Plan, pipe) -> dict[str, float]:
     metrics = {f"method/{k}": float(v) for k, v in plan.method.run_metrics().items()}
     metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(plan.device).items()})
     if plan.cfg.perf.flops and plan.items:
-        flops = perf.flops_per_step(pipe, plan.items[0], plan.gen)
+        flops = perf.flops_per_step(pipe, plan.items[0], plan.gen,
+                                    guidance=plan.cfg.model.limits.guidance)
         metrics.update({f"perf/{k}": v for k, v in flops.items()})
     return metrics
 

@@ -47,7 +47,7 @@ def gflops(overrides: list[str]) -> float:
     item = assign_seeds(instantiate(cfg.data).load(), int(cfg.seed))[0]
     method.apply(pipe, ApplyContext(family=cfg.model.family, device=torch.device("cpu"), gen=gen,
                                     seed=int(cfg.seed)))
-    return perf.flops_per_step(pipe, item, gen)["gflops_per_step"]
+    return perf.flops_per_step(pipe, item, gen, cfg.model.limits.guidance)["gflops_per_step"]
 
 
 def main(argv=None) -> None:

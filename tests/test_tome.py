@@ -14,7 +14,7 @@ from edm.eval.flops import meta_denoiser_flops
 from edm.methods.base import ApplyContext
 from edm.methods.token.tome import _EDM_TOME_HOOK, ToMe
 from edm.methods.token.tome_kernel import bipartite_merge
-from edm.models.tiny import tiny_sd3, tiny_sd15, tiny_sdxl
+from edm.models.tiny import tiny_sd3, tiny_sdxl
 
 tomesd = pytest.importorskip("tomesd")
 from tomesd.merge import bipartite_soft_matching_random2d as tomesd_merge

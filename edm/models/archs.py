@@ -21,7 +21,7 @@ Known traps, written down because they cost time:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -247,19 +247,11 @@ ARCHS.update({
         params=11.9e9,
         params_note="FLUX.1-dev transformer, 11.9 B (BFL: '12 B')",
     ),
-    "flux_schnell": ArchSpec(
-        name="flux_schnell",
-        family="flux",
-        cls="FluxTransformer2DModel",
-        config=dict(_FLUX_COMMON, guidance_embeds=False),
-        resolution=1024,
-        text_dims=(768, 4096),
-        context_len=256,  # schnell's max_sequence_length
-        pooled_dim=768,
-        params=11.9e9,
-        params_note="FLUX.1-schnell transformer, 11.9 B (no guidance embedding)",
-    ),
 })
+# schnell: the same transformer without the guidance embedding; its pipeline feeds 256 T5 tokens
+ARCHS["flux_schnell"] = replace(
+    ARCHS["flux_dev"], name="flux_schnell", config=dict(_FLUX_COMMON, guidance_embeds=False),
+    context_len=256, params_note="FLUX.1-schnell transformer, 11.9 B (no guidance embedding)")
 
 
 def arch_spec(name: str) -> ArchSpec:

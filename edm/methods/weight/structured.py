@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edm.methods.weight.obs import prepare_hessian, reconstruction_error  # noqa: F401 - re-export
+from edm.methods.weight.obs import prepare_hessian, reconstruction_error  # re-exported (__all__)
 
 __all__ = [
     "StructuredResult",
