@@ -8,8 +8,8 @@ and records the step index, the timestep, the batch size and the latent grid.
 Step index semantics: the number of denoiser calls since the trajectory started, 0 for the first
 (noisiest) call. With classifier-free guidance the pipelines of this project batch the
 unconditional and conditional halves into one call, so one call == one denoising step. A new
-trajectory starts when the tracker sees the scheduler's first timestep again, or after
-``reset()``.
+trajectory starts when the tracker sees the scheduler's first timestep again, or a timestep larger
+than the previous call's, or after ``reset()``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,12 @@ class StepTracker:
             t_val = float(t) if t is not None else None
         timesteps = getattr(self.scheduler, "timesteps", None)
         first_t = float(timesteps[0]) if timesteps is not None and len(timesteps) else None
-        starts = s.step_index < 0 or (
+        # Timesteps never increase along a trajectory (PNDM and Heun repeat one), so a larger
+        # one starts the next trajectory. That rule also holds where the pipeline rescales the
+        # timestep it passes (FLUX.1 calls the transformer with t / 1000, which never equals
+        # ``scheduler.timesteps[0]``).
+        rises = t_val is not None and s.timestep is not None and t_val > s.timestep
+        starts = s.step_index < 0 or rises or (
             first_t is not None and t_val == first_t and s.timestep != first_t
         )
         if starts:

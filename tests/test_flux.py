@@ -1,6 +1,7 @@
-"""FLUX.1 as a family, the part that exists so far (issue 12): the adapter on a tiny
-``FluxTransformer2DModel`` built from a config, the model configs' pre-load checks, and that no
-method claims Flux support it does not have."""
+"""FLUX.1 as a family (issue 12): the adapter on a tiny ``FluxTransformer2DModel`` built from a
+config, the model configs' pre-load checks, layer-wise weight methods, ``full_flux`` on the meta
+device, and that no method claims Flux support it does not have (structured and token methods:
+tests/test_flux_structured.py, tests/test_flux_token.py)."""
 
 from unittest.mock import patch
 
@@ -67,9 +68,8 @@ def _no_load(*_a, **_k):
     (["model=flux_dev", "gen.height=1000"], ConfigError, "multiple of 16"),
     (["model=flux_dev", "model.loader.scheduler=EulerDiscreteScheduler"], ConfigError,
      "FlowMatchEulerDiscreteScheduler"),
-    (["model=flux_dev", "method=tome"], UnsupportedFamily, "does not support model family 'flux'"),
-    (["model=flux_dev", "method=at_edm"], UnsupportedFamily, "'flux'"),
-    (["model=flux_dev", "method=obs_diff_structured"], UnsupportedFamily, "'flux'"),
+    # Diff-Pruning is torch-pruning on UNet convolutions: no FLUX port
+    (["model=flux_dev", "method=diff_pruning"], UnsupportedFamily, "not for 'flux'"),
 ])
 def test_flux_configs_fail_before_loading(compose_cfg, overrides, err, match):
     cfg = compose_cfg("logger=none", *overrides)
@@ -100,6 +100,8 @@ def test_tiny_flux_end_to_end_dense(compose_cfg):
     assert m["perf/gflops_per_step"] > 0
     # one sample per call: TFLOPs per forward equals the per-step count (no division by 2)
     assert m["perf/tflops_per_forward"] == pytest.approx(m["perf/gflops_per_step"] / 1e3)
+    assert m["perf/tflops_per_image"] == pytest.approx(
+        m["perf/gflops_per_step"] * m["perf/denoiser_calls"] / 1e3)
     assert rec["run"]["protocol"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
 
 
@@ -141,3 +143,61 @@ def test_layerwise_weight_methods_prune_both_block_types(method):
     assert all(abs(s - 0.5) < 0.01 for s in per_layer.values()), per_layer
     if m.needs_calib:
         assert batches and set(batches) == {4}
+
+
+def test_full_flux_on_meta_is_the_published_transformer():
+    """model=full_flux with model.loader.device=meta: a FluxPipeline around the real 11.9 B
+    transformer (no memory), CLIP/T5 stand-ins with the real widths, and the FLOPs of a
+    trajectory's steps (the scheduler's resolution-dependent shift included) equal the
+    README's per-forward count: no CFG batch."""
+    from hydra.utils import instantiate
+
+    from edm.configs import compose
+    from edm.eval.flops import count_params, meta_denoiser_flops, meta_step_flops
+    from edm.models import archs
+
+    cfg = compose("model=full_flux")
+    pipe = instantiate(cfg.model.loader, device="meta").load(cfg.model.family, cfg.model.dtype,
+                                                              "cpu")
+    tr = pipe.transformer
+    assert type(pipe).__name__ == "FluxPipeline" and pipe.edm_family == "flux"
+    assert next(tr.parameters()).is_meta and tr.config.guidance_embeds
+    assert count_params(tr) == pytest.approx(11.9e9, rel=0.001)
+    assert pipe.text_encoder_2.config.d_model == tr.config.joint_attention_dim == 4096
+    assert pipe.vae_scale_factor * 2 == cfg.model.limits.size_multiple
+    inputs = archs.sample_inputs("flux_dev", dtype=torch.bfloat16)
+    steps = meta_step_flops(tr, inputs, pipe.scheduler, 2)
+    assert steps == [meta_denoiser_flops(tr, inputs)] * 2
+    assert steps[0] / 1e12 == pytest.approx(74.385, abs=5e-4)
+
+
+def test_a_meta_pipeline_run_is_refused_before_loading(compose_cfg):
+    cfg = compose_cfg("logger=none", "model=full_flux", "model.loader.device=meta")
+    with patch("edm.models.zoo.FullSizePipeline.load", _no_load), \
+            pytest.raises(ConfigError, match="<model.loader.device>"):
+        run(cfg)
+
+
+def test_calibration_uses_the_model_cards_text_length():
+    """gen.call_kwargs (FLUX's max_sequence_length) reaches the calibration trajectories too:
+    single-stream linears read text and image tokens, so the Hessians depend on the text
+    length, which must be generation's (schnell: 256, not the pipeline default 512)."""
+    from hydra.utils import instantiate
+
+    from edm.configs import compose
+    from edm.methods.base import ApplyContext
+    from edm.models.tiny import tiny_flux
+    from edm.runner import build_method
+
+    cfg = compose("model=tiny_flux", "method=obs_diff", "calib.num_prompts=2")
+    pipe = tiny_flux()
+    lengths = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kw: lengths.append(kw["encoder_hidden_states"].shape[1]),
+        with_kwargs=True)
+    gen = {"num_inference_steps": 2, "guidance_scale": 3.5, "height": 32, "width": 32,
+           "batch_size": 2, "call_kwargs": cfg.gen.call_kwargs}
+    rep = build_method(cfg).apply(pipe, ApplyContext(family="flux", gen=gen,
+                                                     calib=instantiate(cfg.calib)))
+    assert lengths and set(lengths) == {cfg.gen.call_kwargs.max_sequence_length} == {32}
+    assert rep.details["calibration"]["call_kwargs"] == {"max_sequence_length": 32}

@@ -94,3 +94,37 @@ def test_step_tracker_keyword_mmdit():
                      pooled_projections=torch.randn(1, 8), timestep=t.expand(1))
     assert tr.state.history == [0, 1, 2] and tr.state.timestep == float(sched.timesteps[-1])
     tr.remove()
+
+
+def test_step_tracker_restarts_on_flux_rescaled_timesteps():
+    # FluxPipeline calls the transformer with t / 1000, never scheduler.timesteps[0]: a rising
+    # timestep marks the next trajectory (DSAP and the OBS-Diff step weights key on the index).
+    from edm.models.tiny import tiny_flux
+
+    pipe = tiny_flux()
+    tr = StepTracker(pipe.transformer, pipe.scheduler)
+    seen = []
+    for seed in (0, 1):
+        pipe(prompt=["a"], num_inference_steps=3, guidance_scale=3.5, height=16, width=16,
+             max_sequence_length=8, generator=torch.Generator().manual_seed(seed),
+             output_type="pt")
+        seen.append(list(tr.state.history))
+    assert seen == [[0, 1, 2], [0, 1, 2]] and tr.state.calls == 6
+    tr.remove()
+
+
+def test_step_tracker_pndm_repeats_are_one_trajectory():
+    from diffusers import PNDMScheduler
+
+    unet = tiny_unet((1, 1))
+    sched = PNDMScheduler(num_train_timesteps=100, skip_prk_steps=True)
+    sched.set_timesteps(4)
+    tr = StepTracker(unet, sched)
+    assert len(sched.timesteps) == 5  # PLMS: the first timestep twice
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        for _ in range(2):
+            for t in sched.timesteps:
+                unet(x, t, encoder_hidden_states=ctx)
+    assert tr.state.history == [0, 1, 2, 3, 4] and tr.state.calls == 10
+    tr.remove()

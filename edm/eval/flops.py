@@ -198,7 +198,7 @@ def meta_step_flops(
         scheduler: the pipeline's scheduler (its ``set_timesteps`` is called).
         num_inference_steps: trajectory length.
     """
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler.set_timesteps(num_inference_steps, **_shift_kwargs(scheduler, sample_inputs))
     key = "timestep"
     ref = sample_inputs[key]
     counts = []
@@ -207,6 +207,19 @@ def meta_step_flops(
         inputs[key] = torch.full_like(ref, float(t))
         counts.append(meta_denoiser_flops(denoiser, inputs))
     return counts
+
+
+def _shift_kwargs(scheduler, sample_inputs: dict[str, Any]) -> dict[str, float]:
+    """FLUX.1's schedulers shift the sigmas by the image token count (``use_dynamic_shifting``):
+    ``set_timesteps`` needs the ``mu`` FluxPipeline would pass for these packed latents."""
+    if not getattr(scheduler.config, "use_dynamic_shifting", False):
+        return {}
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = scheduler.config
+    tokens = sample_inputs["hidden_states"].shape[1]  # packed [B, tokens, 64]
+    return {"mu": calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len,
+                                  c.base_shift, c.max_shift)}
 
 
 def analytic_mmdit_flops(config: dict[str, Any], height: int, width: int, context_len: int) -> int:
@@ -276,7 +289,7 @@ def trajectory_flops(pipe, inputs: dict[str, Any], method=None, num_steps: int =
         return float(meta_denoiser_flops(denoiser, inputs))
     dsap = getattr(method, "dsap", None)
     tau = min(dsap.tau(num_steps), num_steps - 1) if dsap is not None and dsap.enabled else 0
-    pipe.scheduler.set_timesteps(num_steps)
+    pipe.scheduler.set_timesteps(num_steps, **_shift_kwargs(pipe.scheduler, inputs))
     method.apply(pipe, ApplyContext(family=pipe.edm_family, meta_cfg_batch=cfg_batch))
     try:
         counts = []

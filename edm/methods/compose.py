@@ -9,6 +9,7 @@ plus a run name that shows both tags)::
     python run.py method=obs_diff then=at_edm sparsity=0.5        # config.yaml lists `then: null`
     python run.py method=obs_diff +then=at_edm sparsity=0.5       # ... or without that entry
     python run.py method=wanda then=tome then.ratio=0.4 then.max_downsample=2
+    python run.py model=tiny_flux method=obs_diff then=at_edm     # FLUX.1: both support it
 
 Every override of the second method goes to ``then.*``; ``${sparsity}`` still reaches the first.
 ``cfg.then`` may also be a list of method nodes (applied in order), e.g. from an experiment file.

@@ -238,7 +238,8 @@ class FullSizePipeline:
     run without T5 (the pipeline feeds 256 zero tokens in its place: same denoiser cost).
 
     Args:
-        arch: ``sd15``, ``sd21``, ``sdxl``, ``sd3_medium``, ``sd35_medium``, ``sd35_large``.
+        arch: ``sd15``, ``sd21``, ``sdxl``, ``sd3_medium``, ``sd35_medium``, ``sd35_large``,
+            ``flux_dev``, ``flux_schnell``.
         device: ``meta`` (no memory: parameter counts, and FLOPs of the denoiser with
             ``edm.eval.flops.meta_denoiser_flops`` / ``meta_step_flops``; a meta pipeline
             cannot be *called*, schedulers need real numbers) or ``None`` to use the run's
@@ -278,7 +279,8 @@ def full_pipeline(
     Only the denoiser is real-sized. Text encoders are 1-layer CLIP stand-ins with the real
     hidden sizes (so the denoiser gets real context shapes: 77 x 768 for SD1.5, 77 x 2048 plus a
     1280 pooled vector for SDXL...), the VAE is a small stand-in with the real latent channels
-    and 8x downsampling, and SD3 runs without T5 (256 zero tokens in its place). Use it for
+    and 8x downsampling, SD3 runs without T5 (256 zero tokens in its place) and FLUX.1 with a
+    1-layer T5 stand-in of T5-XXL's width (the transformer needs real T5 states). Use it for
     latency and FLOPs of the denoiser, never for image quality.
 
     Args:
@@ -289,7 +291,13 @@ def full_pipeline(
     """
     import diffusers
 
-    from edm.models.components import clip_text_encoder, default_scheduler, tiny_vae, tokenizer
+    from edm.models.components import (
+        clip_text_encoder,
+        default_scheduler,
+        t5_tokenizer,
+        tiny_vae,
+        tokenizer,
+    )
 
     spec = arch if isinstance(arch, ArchSpec) else arch_spec(arch)
     denoiser = build_denoiser(spec, device=device, dtype=dtype, seed=seed)
@@ -328,6 +336,16 @@ def full_pipeline(
             tokenizer_2=tokenizer("!"),
             **common,
         )
+    elif spec.family == "flux":
+        pipe = diffusers.FluxPipeline(
+            transformer=denoiser,
+            vae=tiny_vae(16, levels=4, sd3=True, seed=seed + 1),  # 16 channels, 8x, shift+scale
+            text_encoder=te(0, False),  # CLIP-L: only its 768-d pooled output is used
+            tokenizer=common["tokenizer"],
+            text_encoder_2=_t5_stand_in(dims[1], on_meta, seed + 11),
+            tokenizer_2=t5_tokenizer(),
+            scheduler=common["scheduler"],
+        )
     else:
         pipe = diffusers.StableDiffusion3Pipeline(
             transformer=denoiser,
@@ -345,3 +363,20 @@ def full_pipeline(
             nn.Module.to(module, device=device, dtype=dtype)
     pipe.edm_family = spec.family
     return pipe
+
+
+def _t5_stand_in(d_model: int, on_meta: bool, seed: int):
+    """A 1-layer T5 encoder with T5-XXL's width (4096) on the offline character tokenizer: the
+    FLUX transformer sees real context shapes (``max_sequence_length`` x 4096); its cost is
+    not measured, so depth, heads and the MLP are minimal."""
+    from transformers import T5Config, T5EncoderModel
+
+    from edm.models.components import t5_tokenizer
+
+    tok = t5_tokenizer()
+    cfg = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=64, num_layers=1,
+                   num_heads=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    device = torch.device("meta") if on_meta else contextlib.nullcontext()
+    with device, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(cfg).eval()

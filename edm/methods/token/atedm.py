@@ -28,6 +28,9 @@ MMDiT (SD3/SD3.5, beyond the paper): image tokens are pruned after the joint blo
 refilled after block ``mmdit_refill_after`` (default the last one, i.e. before ``norm_out``).
 Text tokens are never pruned.
 
+FLUX.1 (no FLUX setting in the paper): the same knobs and defaults over the double- then
+single-stream blocks; kept tokens keep their rotary positions (:mod:`edm.methods.token.flux`).
+
 Unknown details of the paper (spec §5) are knobs; defaults and reasons in :class:`ATEDM`.
 """
 
@@ -38,7 +41,7 @@ import logging
 from torch import nn
 
 from edm.errors import ConfigError, UnsupportedFamily
-from edm.families import ARCH, adapter
+from edm.families import ARCH, METHOD_FAMILIES, adapter
 from edm.methods.base import ApplyContext, MethodReport, Patcher, RuntimeMethod
 from edm.methods.token.atedm_hooks import (
     BlockHook,
@@ -57,6 +60,7 @@ from edm.methods.token.attn_map import (
     check_plain_attention,
 )
 from edm.methods.token.dsap import DSAP
+from edm.methods.token.flux import check_atedm_flux, install_atedm_flux
 from edm.methods.token.hook_args import TrajectoryRNG
 from edm.perf import PhaseTimer
 from edm.state import StepTracker
@@ -117,9 +121,12 @@ class ATEDM(RuntimeMethod):
             is then computed for the cond half only (the uncond half runs fused SDPA), which
             halves its cost. ``False``: each sample has its own mask and map (same ``k``).
         mmdit_prune_after (`list[int]`, defaults to `[0]`): MMDiT joint blocks after which to
-            prune image tokens (negative = from the end).
-        mmdit_refill_after (`int`, defaults to `-1`): MMDiT block after which to refill
-            (-1 = last block, i.e. before ``norm_out``/``proj_out``).
+            prune image tokens (negative = from the end). FLUX: indices into double- then
+            single-stream blocks (19 + 38 in FLUX.1), ``[0]`` = after the first double block.
+        mmdit_refill_after (`int`, defaults to `-1`): MMDiT/FLUX block after which to refill
+            (-1 = last block, i.e. before ``norm_out``/``proj_out``). On FLUX, ``prune_point``,
+            ``score_source``, ``map_output`` and ``downsamples`` accept only what applies there
+            (``check`` raises :class:`ConfigError` otherwise).
         map_output (`str`, defaults to `"auto"`): how a pruning layer's attention output is
             made. ``reuse``: ``P V`` from the same probabilities as the map (one pass).
             ``kept_fused`` (``after_self_attn`` only): the map is computed without ``P V`` and
@@ -138,6 +145,8 @@ class ATEDM(RuntimeMethod):
             ``"cuda"`` = wall clock after ``torch.cuda.synchronize()`` (GPU; adds syncs).
         seed (`int`): seed of ``selection=random`` (re-seeded at every trajectory's first step).
     """
+
+    supported_families = (*METHOD_FAMILIES, "flux")
 
     def __init__(
         self,
@@ -209,6 +218,12 @@ class ATEDM(RuntimeMethod):
         self.resolved_point: str | None = None
         self._timer: PhaseTimer | None = None
 
+    def check(self, family: str) -> None:
+        super().check(family)
+        if ARCH[family] == "flux":
+            check_atedm_flux(self.prune_point, self.score_source, self.map_output,
+                             self.downsamples)
+
     @property
     def needs_self_map(self) -> bool:
         scored = self.selection != "random" and self.score_source == "self"
@@ -228,7 +243,7 @@ class ATEDM(RuntimeMethod):
             iters=self.iters, head_reduce=self.head_reduce, score_source=self.score_source,
             assignment=self.assignment, cfg_shared_mask=self.cfg_shared_mask,
             needs_self_map=self.needs_self_map, needs_cross_map=self.needs_cross_map,
-            meta_cfg_batch=ctx.meta_cfg_batch)
+            meta_cfg_batch=ctx.meta_cfg_batch, cfg_batches=ARCH[ctx.family] != "flux")
         shared = RunState(settings, tracker, TrajectoryRNG(tracker, self.seed),
                           timer=PhaseTimer(self.profile))
         self._meter, self._timer = shared.meter, shared.timer
@@ -237,21 +252,18 @@ class ATEDM(RuntimeMethod):
         )
         blocks = ad.attention_blocks(denoiser)
         if not blocks:
-            raise UnsupportedFamily(
-                f"<method={self.name}> {type(denoiser).__name__} has no attention blocks"
-            )
-        if ARCH[ctx.family] == "mmdit":
+            raise UnsupportedFamily(f"<method={self.name}> {type(denoiser).__name__} has no "
+                                    "attention blocks")
+        if ARCH[ctx.family] in ("mmdit", "flux"):
             point = "after_ffn"
-            layers, skipped = self._install_mmdit(denoiser, blocks, patcher, shared)
+            layers, skipped = self._install_dit(ctx.family, denoiser, blocks, patcher, shared)
         else:
             point = self.prune_point
             if point == "auto":
                 point = _AUTO_POINT.get(ctx.family, "after_self_attn")
             if point == "after_ffn" and self.map_output == "kept_fused":
-                raise ConfigError(
-                    "method.map_output",
-                    f"kept_fused needs after_self_attn, {ctx.family} uses {point}.",
-                )
+                raise ConfigError("method.map_output",
+                                  f"kept_fused needs after_self_attn, {ctx.family} uses {point}.")
             layers, skipped = self._install_unet(denoiser, blocks, patcher, shared, point)
         self.resolved_point = point
         for name, why in skipped:
@@ -262,16 +274,11 @@ class ATEDM(RuntimeMethod):
             patched=patcher.count if layers else 0,
             metrics={"prune_ratio": self.prune_ratio, "pruning_layers": float(len(layers))},
             details={
-                "prune_point": point,
-                "pruning_layers": layers,
-                "skipped": skipped,
-                "selection": self.selection,
-                "assignment": self.assignment,
-                "head_reduce": self.head_reduce,
-                "iters": self.iters,
+                "prune_point": point, "pruning_layers": layers, "skipped": skipped,
+                "selection": self.selection, "assignment": self.assignment,
+                "head_reduce": self.head_reduce, "iters": self.iters,
                 "cfg_shared_mask": self.cfg_shared_mask,
-                "map_output": self._resolved_map_output(point),
-                "dsap": repr(self.dsap),
+                "map_output": self._resolved_map_output(point), "dsap": repr(self.dsap),
             },
         )
 
@@ -289,13 +296,8 @@ class ATEDM(RuntimeMethod):
 
     def _map_slot(self, shared: RunState, defer: bool = False) -> MapSlot:
         timer = shared.timer if self.profile else None
-        return MapSlot(
-            head_reduce=self.head_reduce,
-            iters=self.iters,
-            chunk_mb=self.map_chunk_mb,
-            timer=timer,
-            defer_output=defer,
-        )
+        return MapSlot(head_reduce=self.head_reduce, iters=self.iters, chunk_mb=self.map_chunk_mb,
+                       timer=timer, defer_output=defer)
 
     def _install_unet(self, denoiser, blocks, patcher, shared, point):
         layers, skipped = [], []
@@ -307,15 +309,8 @@ class ATEDM(RuntimeMethod):
             last_useful = n_layers - 1 if point == "after_self_attn" else n_layers - 2
             points = [i for i in self.prune_after_layers if i <= last_useful]
             if not points:
-                skipped.append(
-                    (
-                        info.name,
-                        (
-                            f"{n_layers} layer(s): nothing after {point} "
-                            f"of layers {self.prune_after_layers}"
-                        ),
-                    )
-                )
+                why = f"{n_layers} layer(s): nothing after {point} of layers "
+                skipped.append((info.name, why + str(self.prune_after_layers)))
                 continue
             block = BlockState(info)
             linear_out = isinstance(getattr(info.module, "proj_out", None), nn.Linear)
@@ -348,7 +343,7 @@ class ATEDM(RuntimeMethod):
             patcher.register_hook(info.module, BlockHook(shared, block), _EDM_ATEDM_HOOK)
         return layers, skipped
 
-    def _install_mmdit(self, denoiser, blocks, patcher, shared):
+    def _install_dit(self, family, denoiser, blocks, patcher, shared):
         if self.score_source == "cross":
             raise ConfigError("method.score_source", "MMDiT has joint attention only; use self.")
         n = len(blocks)
@@ -360,6 +355,16 @@ class ATEDM(RuntimeMethod):
                 f"need prune blocks < refill block in range({n}); got "
                 f"{self.mmdit_prune_after} / {self.mmdit_refill_after}",
             )
+        if ARCH[family] == "flux":
+            layers = install_atedm_flux(denoiser, blocks, points, refill, patcher, shared,
+                                        lambda: self._map_slot(shared), _EDM_ATEDM_HOOK)
+        else:
+            layers = self._install_mmdit(denoiser, blocks, points, refill, patcher, shared)
+        return layers, [
+            (b.name, "outside the pruned range") for b in blocks if b.name not in layers
+        ]
+
+    def _install_mmdit(self, denoiser, blocks, points, refill, patcher, shared):
         block = BlockState(blocks[points[0]])
         layers = []
         for i in sorted(set(points) | {refill}):
@@ -375,9 +380,7 @@ class ATEDM(RuntimeMethod):
             hook = LayerHook(shared, block, info.module, slot, None, at, i == refill, mmdit=True)
             patcher.register_hook(info.module, hook, _EDM_ATEDM_HOOK)
         patcher.register_hook(denoiser, BlockHook(shared, block), _EDM_ATEDM_HOOK)
-        return layers, [
-            (b.name, "outside the pruned range") for b in blocks if b.name not in layers
-        ]
+        return layers
 
 
 def _check_layer(layer: nn.Module, name: str, point: str) -> None:

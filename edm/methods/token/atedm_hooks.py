@@ -40,6 +40,9 @@ class Settings:
     needs_self_map: bool
     needs_cross_map: bool
     meta_cfg_batch: bool  # on meta (FLOPs counting) latents have no values: is it a CFG pair?
+    # the family's pipelines batch CFG halves into one call (FLUX.1 is guidance-distilled: never,
+    # so two samples with equal latents must not be mistaken for a CFG pair)
+    cfg_batches: bool = True
 
 
 @dataclass
@@ -71,6 +74,9 @@ class DenoiserHook:
 
     def __call__(self, module, args, kwargs):
         s = self.shared
+        if not s.cfg.cfg_batches:
+            s.cfg_batch = False
+            return
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         half = x.shape[0] // 2
         # diffusers pipelines batch CFG as torch.cat([latents] * 2): equal halves <=> CFG.
@@ -178,11 +184,19 @@ class LayerHook(ModelHook):
                 hidden = K.gather_tokens(hidden, keep)
             output = (output[0], hidden) if self.mmdit else hidden
             self.k = None
+            self._kept(keep)
         if self.refill and self.block.src is not None:
             hidden = output[1] if self.mmdit else output
             hidden = _refill(self.shared, self.block, hidden)
             output = (output[0], hidden) if self.mmdit else hidden
+            self._refilled()
         return output
+
+    def _kept(self, keep: torch.Tensor) -> None:
+        """Called after pruning to ``keep [B, k]`` (FLUX: the kept tokens' rotary rows)."""
+
+    def _refilled(self) -> None:
+        """Called after the refill restored the full grid."""
 
     def _decide(self, hidden: torch.Tensor, k: int):
         """Scores -> keep indices -> refill sources, from this call's map(s)."""

@@ -44,6 +44,7 @@ def attention_with_map(
     iters: int = 5,
     chunk_mb: float | None = None,
     need_out: bool = True,
+    map_from: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``softmax(q k^T / sqrt(d)) v`` plus the head-aggregated attention map, in one pass.
 
@@ -66,6 +67,8 @@ def attention_with_map(
             launches per layer, so chunks are large.
         need_out: ``False`` = the map only (``out`` is ``None``), for callers that need the
             output of a few rows only (:func:`kept_rows_output`).
+        map_from: first token of the mapped range ``[map_from, map_from + n_map)`` of queries
+            and keys (FLUX puts the text tokens first: the image tokens start after them).
 
     Returns:
         ``(out [B, h, Nq, d] or None, A [B, nq, nk] float32, s_rms [B, nq] or None)``.
@@ -74,8 +77,9 @@ def attention_with_map(
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    mq = nq if n_map is None else min(n_map, nq)
-    mk = nk if n_map is None else min(n_map, nk)
+    m0 = map_from
+    mq = nq - m0 if n_map is None else min(n_map, nq - m0)
+    mk = nk - m0 if n_map is None else min(n_map, nk - m0)
     q = q * (1.0 / math.sqrt(d))  # fold the SDPA scale into q: one small pass instead of B·h·N²
     kt = k.transpose(-1, -2)
     out = torch.empty_like(q) if need_out else None
@@ -101,12 +105,12 @@ def attention_with_map(
                 P = torch.matmul(q[b0:b1, h0:h1, q0:q1], kt[b0:b1, h0:h1]).softmax(-1)
                 if out is not None:
                     out[b0:b1, h0:h1, q0:q1] = torch.matmul(P, v[b0:b1, h0:h1])
-                r1 = min(q1, mq)
-                if r1 > q0:  # rows of this chunk that belong to the map
-                    rows = P[:, :, : r1 - q0, :mk]
-                    A[b0:b1, q0:r1] += rows[:, 0] if h1 - h0 == 1 else rows.sum(1)
+                r0, r1 = max(q0, m0), min(q1, m0 + mq)
+                if r1 > r0:  # rows of this chunk that belong to the map
+                    rows = P[:, :, r0 - q0 : r1 - q0, m0 : m0 + mk]
+                    A[b0:b1, r0 - m0 : r1 - m0] += rows[:, 0] if h1 - h0 == 1 else rows.sum(1)
                 if s_sq is not None:
-                    Ph = P[:, :, :mq, :mk]
+                    Ph = P[:, :, m0 : m0 + mq, m0 : m0 + mk]
                     if mk < nk:
                         Ph = Ph / Ph.sum(-1, keepdim=True)
                     s_sq[b0:b1] += gwpr(Ph, iters).pow(2).sum(1)

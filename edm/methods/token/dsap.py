@@ -20,6 +20,8 @@ from edm.errors import ConfigError
 from edm.families import AttentionBlock
 
 BLOCK_RULES = ("first_down_last_up", "first_down_last_up_mid", "none", "all")
+# Transformer stages: no down/up/mid structure, so the UNet rules exempt none of their blocks.
+_DIT_STAGES = ("joint", "double", "single")
 
 
 class DSAP:
@@ -36,8 +38,8 @@ class DSAP:
             unpruned while early. ``first_down_last_up``: the first block of each UNet down stage
             and the last of each up stage (paper, spec §1.6); ``first_down_last_up_mid``: also the
             mid block (unknown in the paper); ``none``: no block is exempt (only
-            ``early_prune_ratio`` acts); ``all``: nothing is pruned early. MMDiT blocks (stage
-            ``joint``) are never exempt by the first two rules.
+            ``early_prune_ratio`` acts); ``all``: nothing is pruned early. MMDiT and FLUX blocks
+            (stages ``joint``, ``double``, ``single``) are never exempt by the first two rules.
         early_prune_ratio (`float | None`, defaults to `None`): ratio of the non-exempt blocks
             while early; ``None`` keeps the base ratio there ("prune less" then comes only from
             the exempt blocks).
@@ -105,7 +107,7 @@ class DSAP:
         rule = self.block_rule
         if rule == "all":
             return True
-        if rule == "none" or block.stage == "joint":
+        if rule == "none" or block.stage in _DIT_STAGES:
             return False
         if block.stage == "down":
             return block.position == 0

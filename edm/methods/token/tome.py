@@ -22,6 +22,13 @@ attention (text tokens untouched; queries, keys and values of the image stream a
 for SD3.5's extra image-only attention (``attn2``) with ``merge_attn``, and for the image MLP with
 ``merge_mlp``; ``merge_crossattn`` has nothing to act on there. The grid is the patch grid, so
 every joint block has downsample 1.
+
+FLUX.1 (beyond tomesd): the image tokens of every double- and single-stream block are merged for
+its attention (and, with ``merge_mlp``, its image MLP); text tokens are never merged, merged
+tokens take their destination's rotary position, and the grid comes from ``img_ids``
+(:mod:`edm.methods.token.flux`). Per-sample rotary rows need a processor of our own there
+(:mod:`edm.methods.token.flux_attn`; still fused SDPA). FLUX has no CFG batch, so random
+destinations stay on for odd batches.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ from dataclasses import dataclass, field
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from edm.errors import ConfigError, NothingPatchedError
-from edm.families import AttentionBlock, adapter
+from edm.errors import ConfigError, NothingPatchedError, UnsupportedFamily
+from edm.families import ARCH, METHOD_FAMILIES, AttentionBlock, adapter
 from edm.methods.base import ApplyContext, MethodReport, Patcher, RatioMeter, RuntimeMethod
 from edm.methods.token.dsap import DSAP
+from edm.methods.token.flux import FluxGrid, check_tome_flux, install_tome_flux_layer
 from edm.methods.token.hook_args import TrajectoryRNG, hidden_arg, with_hidden
 from edm.methods.token.tome_kernel import bipartite_merge, identity
 from edm.state import StepTracker
@@ -54,6 +62,7 @@ class _Match:
     merge: object = identity
     unmerge: object = identity
     shape: tuple[int, int] | None = None  # (B, N) the closures were built for
+    order: object = None  # [B, N - r] raster index each merged slot stands for (None: no merge)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class _Settings:
     sx: int
     sy: int
     use_rand: bool
+    cfg_batches: bool = True  # the family batches CFG halves (not FLUX: guidance-distilled)
 
 
 @dataclass
@@ -75,44 +85,54 @@ class _Run:
     tracker: StepTracker
     rng: TrajectoryRNG
     meter: RatioMeter = field(default_factory=RatioMeter)
+    grid: FluxGrid | None = None  # FLUX: the token grid comes from img_ids
 
 
 class _LayerHook(ModelHook):
     """Computes one layer's matching from its input (pre-norm ``x``), tomesd's metric."""
 
-    def __init__(self, run: _Run, block: AttentionBlock, div: int, match: _Match):
+    def __init__(self, run: _Run, block: AttentionBlock, div: int | None, match: _Match):
         super().__init__()
         self.run, self.block, self.div, self.match = run, block, div, match
 
     def pre_forward(self, module, *args, **kwargs):
         x = hidden_arg(args, kwargs)
         state = self.run.tracker.state
-        if state.latent_hw is None:
-            raise RuntimeError(
-                "<method=tome> layer called outside a denoiser call (no latent size)"
-            )
         B, N = x.shape[0], x.shape[1]
-        H, W = state.latent_hw
-        h, w = math.ceil(H / self.div), math.ceil(W / self.div)
-        if h * w != N:
-            raise RuntimeError(
-                f"<method=tome> {self.block.name}: {N} tokens do not form the {h}x{w} grid "
-                f"expected from latent {H}x{W} / {self.div}"
-            )
+        h, w = self._grid(N)
         c = self.run.cfg
         ratio = c.dsap.ratio(c.ratio, self.block, state.step_index, state.num_steps)
         r = int(N * ratio)
         self.run.meter.add(r, N, x.device)
         # tomesd: with an odd batch the CFG halves are not batched together and random
         # destinations cause artifacts, so use the top-left destination.
-        use_rand = c.use_rand and B % 2 == 0
+        use_rand = c.use_rand and (B % 2 == 0 or not c.cfg_batches)
         gen = self.run.rng.generator_for(x.device) if (use_rand and r > 0) else None
-        m, u = bipartite_merge(x, w, h, r, c.sx, c.sy, use_rand, gen)
+        m, u, order = bipartite_merge(x, w, h, r, c.sx, c.sy, use_rand, gen, return_order=True)
         self.match.merge, self.match.unmerge, self.match.shape = m, u, (B, N)
+        self.match.order = order
         return args, kwargs
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        if self.div is None:  # FLUX: packed tokens, grid from img_ids
+            return self.run.grid.grid(n, self.block.name)
+        state = self.run.tracker.state
+        if state.latent_hw is None:
+            raise RuntimeError(
+                "<method=tome> layer called outside a denoiser call (no latent size)"
+            )
+        H, W = state.latent_hw
+        h, w = math.ceil(H / self.div), math.ceil(W / self.div)
+        if h * w != n:
+            raise RuntimeError(
+                f"<method=tome> {self.block.name}: {n} tokens do not form the {h}x{w} grid "
+                f"expected from latent {H}x{W} / {self.div}"
+            )
+        return h, w
 
     def post_forward(self, module, output):
         self.match.merge, self.match.unmerge, self.match.shape = identity, identity, None
+        self.match.order = None
         return output
 
 
@@ -165,9 +185,11 @@ class ToMe(RuntimeMethod):
         use_rand (`bool`, defaults to True): random destination per cell (off for odd batches,
             as in tomesd). Turn off if artifacts appear.
         merge_attn (`bool`, defaults to True): merge for self-attention (recommended).
-        merge_crossattn (`bool`, defaults to False): merge the queries of cross-attention.
+        merge_crossattn (`bool`, defaults to False): merge the queries of cross-attention (UNet
+            only; MMDiT has none to act on; on FLUX ``true`` is a ``ConfigError``).
         merge_mlp (`bool`, defaults to False): merge for the feed-forward layer. Needed to reach
-            large FLOPs savings (the AT-EDM budget configs use all three).
+            large FLOPs savings (the AT-EDM budget configs use all three). FLUX: the double
+            blocks' ``ff`` and the single blocks' ``proj_mlp`` (their ``proj_out`` stays full).
         seed (`int | None`, defaults to None): seed of the random destinations, re-seeded at
             every trajectory start (reproducible per image). ``None`` = tomesd's behaviour: a fork
             of the global RNG taken at first use and drawn from ever after.
@@ -177,6 +199,8 @@ class ToMe(RuntimeMethod):
             ``early_prune_ratio`` as their merge ratio. ``None``/disabled = constant ratio.
         name, tag: run bookkeeping.
     """
+
+    supported_families = (*METHOD_FAMILIES, "flux")
 
     def __init__(
         self,
@@ -222,6 +246,11 @@ class ToMe(RuntimeMethod):
         self.tag = tag or f"tome-r{ratio:g}"
         self._run: _Run | None = None
 
+    def check(self, family: str) -> None:
+        super().check(family)
+        if ARCH[family] == "flux":
+            check_tome_flux(self.merge_crossattn)
+
     def _targets(self, layer: nn.Module, arch: str) -> list[tuple[str, nn.Module]]:
         """The submodules of one transformer layer that run on merged tokens."""
         picks = [
@@ -235,7 +264,12 @@ class ToMe(RuntimeMethod):
 
     def install(self, pipe, patcher: Patcher, ctx: ApplyContext) -> MethodReport:
         ad = adapter(ctx.family)
-        denoiser = ad.denoiser(pipe)
+        denoiser = getattr(pipe, ad.denoiser_attr, None)
+        if denoiser is None:  # e.g. a UNet pipeline applied as family flux
+            raise UnsupportedFamily(
+                f"<method=tome> a {ctx.family} pipeline has a `{ad.denoiser_attr}`; "
+                f"{type(pipe).__name__} has none"
+            )
         for _, mod in denoiser.named_modules():
             registry = getattr(mod, "_diffusers_hook", None)
             if registry is not None and registry.get_hook(_EDM_TOME_HOOK) is not None:
@@ -244,8 +278,13 @@ class ToMe(RuntimeMethod):
                 )
         tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
         patcher.add_handle(tracker)  # undo() calls tracker.remove()
-        settings = _Settings(self.ratio, self.dsap, self.sx, self.sy, self.use_rand)
+        flux = ad.arch == "flux"
+        settings = _Settings(self.ratio, self.dsap, self.sx, self.sy, self.use_rand,
+                             cfg_batches=not flux)
         run = _Run(settings, tracker, TrajectoryRNG(tracker, self.seed))
+        if flux:
+            run.grid = FluxGrid(denoiser)
+            patcher.add_handle(run.grid)
         # tokens per latent pixel side: the UNet block's downsample, the MMDiT's patch size
         patch = getattr(getattr(denoiser, "config", None), "patch_size", 1) or 1
         layers, skipped = [], []
@@ -261,18 +300,22 @@ class ToMe(RuntimeMethod):
                 )
                 continue
             for layer_name, layer in block.layers:
-                targets = self._targets(layer, ad.arch)
-                if not targets:
-                    continue
                 match = _Match()
-                div = ds if ad.arch == "unet" else patch
+                if flux:
+                    merged = install_tome_flux_layer(patcher, layer, layer_name, match,
+                                                     self.merge_attn, self.merge_mlp,
+                                                     _EDM_TOME_HOOK)
+                else:
+                    targets = self._targets(layer, ad.arch)
+                    for sub_name, sub in targets:
+                        where = f"{layer_name}.{sub_name}"
+                        patcher.register_hook(sub, _MergeHook(match, where), _EDM_TOME_HOOK)
+                    merged = [n for n, _ in targets]
+                if not merged:
+                    continue
+                div = None if flux else (ds if ad.arch == "unet" else patch)
                 patcher.register_hook(layer, _LayerHook(run, block, div, match), _EDM_TOME_HOOK)
-                for sub_name, sub in targets:
-                    where = f"{layer_name}.{sub_name}"
-                    patcher.register_hook(sub, _MergeHook(match, where), _EDM_TOME_HOOK)
-                layers.append(
-                    {"name": layer_name, "downsample": ds, "merged": [n for n, _ in targets]}
-                )
+                layers.append({"name": layer_name, "downsample": ds, "merged": merged})
         if not layers and skipped:
             # The SDXL pitfall (spec §3.1): tomesd silently does nothing here.
             finest = min(b.downsample for b in ad.attention_blocks(denoiser))

@@ -78,7 +78,8 @@ def bipartite_merge(
     sy: int = 2,
     use_rand: bool = True,
     generator: torch.Generator | None = None,
-) -> tuple[Merge, Merge]:
+    return_order: bool = False,
+) -> tuple[Merge, Merge] | tuple[Merge, Merge, torch.Tensor | None]:
     """Bipartite soft matching with random ``sy x sx`` destinations.
 
     Args:
@@ -89,14 +90,18 @@ def bipartite_merge(
         sx, sy: destination cell size (2, 2 in ToMe-SD; the maximum ``r`` is then ``0.75 N``).
         use_rand: random destination per cell (ToMe-SD default) or the top-left token.
         generator: RNG for the destination draw (only used with ``use_rand``).
+        return_order: also return ``order [B, N - r]``: the raster index of the token each
+            merged slot is (its destination for a merged group), e.g. to give merged tokens the
+            rotary position of their destination (FLUX). ``None`` when nothing is merged.
 
     Returns:
         ``(merge, unmerge)``: ``merge(x [B, N, C'], mode="mean") -> [B, N - r, C']`` with the
         kept sources first and the destinations last; ``unmerge(y [B, N - r, C']) -> [B, N, C']``.
+        With ``return_order``, ``(merge, unmerge, order)``.
     """
     B, N, _ = metric.shape
     if r <= 0:
-        return identity, identity
+        return (identity, identity, None) if return_order else (identity, identity)
     assert N == h * w, f"metric has {N} tokens, grid is {h}x{w}"
 
     with torch.no_grad():
@@ -136,4 +141,4 @@ def bipartite_merge(
     def unmerge(y: torch.Tensor) -> torch.Tensor:
         return y.gather(1, back.unsqueeze(-1).expand(B, N, y.shape[-1]))
 
-    return merge, unmerge
+    return (merge, unmerge, gather_abs) if return_order else (merge, unmerge)

@@ -17,7 +17,7 @@ from typing import Any
 
 from edm.errors import ConfigError, NothingPatchedError
 from edm.eval.flops import count_params
-from edm.families import adapter
+from edm.families import METHOD_FAMILIES, adapter
 from edm.methods.base import ApplyContext, MethodReport
 from edm.methods.weight.base_weight import PruningMethod, build_report, param_change
 from edm.methods.weight.calibrate import Unit
@@ -39,11 +39,15 @@ class StructuredPruning(PruningMethod):
         sparsity: fraction of heads / FFN neurons removed in every targeted module
             (``round(n * sparsity)``, at least one kept).
         exclude_first_last: skip the first and last transformer layers; ``None`` (default) as
-            OBS-Diff's tables: excluded for MMDiT, included for UNets (see
+            OBS-Diff's tables: excluded for MMDiT and FLUX, included for UNets (see
             :func:`edm.methods.weight.slicing.resolve_exclude_first_last`).
         save: write the sliced denoiser to ``<output_dir>/pruned_model`` (safetensors + json),
             reloadable with ``model.pruned_from=<that dir>``.
     """
+
+    # Heads and FFN neurons of every block type the slicing knows: UNet, MMDiT and FLUX.1
+    # (double-stream = MMDiT joint blocks; single-stream heads and MLP neurons share proj_out).
+    supported_families = (*METHOD_FAMILIES, "flux")
 
     def __init__(self, sparsity: float, exclude_first_last: bool | None = None,
                  save: bool = True, **kwargs):
@@ -78,12 +82,16 @@ class StructuredPruning(PruningMethod):
         device = next(denoiser.parameters()).device
         reset_peak_memory(device)
         params_before, weights_before = count_params(denoiser), target_weight_count(targets)
-        owner = {n: t for t in targets for n, _ in t.consumers}
+        owners: dict[str, list[StructuredTarget]] = {}  # FLUX proj_out: heads and MLP targets
+        for t in targets:
+            for n, _ in t.consumers:
+                owners.setdefault(n, []).append(t)
         results: list[dict] = []
 
         def prune_unit(unit: Unit, stats: dict[str, Any]) -> None:
-            # an MMDiT FFN unit holds two targets (image and text FFN): each once, in order
-            for t in dict.fromkeys(owner[n] for n, _ in unit):
+            # an MMDiT FFN unit holds two targets (image and text FFN), a FLUX single-stream
+            # proj_out two (heads, then MLP neurons): each once, in forward order
+            for t in dict.fromkeys(t for n, _ in unit for t in owners[n]):
                 results.append(self.choose(t, stats))
 
         run = self.prune_packages(pipe, ctx, structured_units(targets), prune_unit)

@@ -40,6 +40,8 @@ _ATTRS = (
     "in_features", "out_features", "in_channels", "out_channels", "num_channels",
     "normalized_shape", "num_features", "heads", "inner_dim", "inner_kv_dim",
     "sliceable_head_dim", "channels", "out_dim", "query_dim", "cross_attention_dim",
+    # FLUX single-stream blocks: the MLP width, and proj_out's [attention | MLP] column split
+    "mlp_hidden_dim", "_tp_packed_row_blocks",
 )
 
 

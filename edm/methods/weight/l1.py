@@ -8,6 +8,8 @@ Which weights: Li et al. score a filter by its own weights, i.e. the *producer* 
 the channel (``to_q/k/v`` rows of a head, including MMDiT's ``add_q/k/v_proj``; the
 ``ff.net.0.proj`` row(s) of a neuron, both GEGLU halves). ``score_on=consumer`` uses the columns of
 the output projection instead (the Hessian-free analogue of OBS's Eq. 6 score); ``both`` sums them.
+On a FLUX single-stream block the consumer is the shared ``proj_out``: a target scores only its
+own column range of it (heads: the attention columns, neurons: the MLP columns).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def l1_scores(target: StructuredTarget, score_on: str = "producer") -> torch.Ten
             score += rows.view(n, g).sum(1)
     if score_on in ("consumer", "both"):
         for _, lin in target.consumers:
-            cols = lin.weight.detach().abs().float().sum(0).cpu()  # [in_features]
+            cols = target.consumer_weight(lin).detach().abs().float().sum(0).cpu()  # [n*g]
             score += cols.view(n, g).sum(1)
     return score
 

@@ -3,9 +3,20 @@ removed with OBS compensation from the timestep-weighted Hessian, module package
 then physically sliced (the paper's Tables 3, 4 and 9).
 
 The choice per target is :func:`obs_prune_target`: the consumer layers' input Hessians rank the
-groups (Eq. 6 neurons, Eq. 7 heads; MMDiT joint heads fuse both streams' rankings) and the kernel
-of :mod:`edm.methods.weight.structured` compensates the surviving columns. Targets, packages,
-slicing and the report come from :class:`~edm.methods.weight.base_structured.StructuredPruning`.
+groups (Eq. 6 neurons, Eq. 7 heads; MMDiT / FLUX double-stream joint heads fuse both streams'
+rankings) and the kernel of :mod:`edm.methods.weight.structured` compensates the surviving
+columns. Targets, packages, slicing and the report come from
+:class:`~edm.methods.weight.base_structured.StructuredPruning`.
+
+FLUX single-stream blocks: the heads and the MLP neurons are two targets on one consumer,
+``proj_out``, whose Hessian is over all its input columns (attention and MLP). Each target ranks
+only its own column range, but is compensated over *all* surviving columns of ``proj_out`` with
+that full Hessian (the kernel's ``span``); the second target (MLP, forward order) leaves the
+first one's removed heads out (``removed``), so they stay zero. Why the full layer and not the
+sub-block: OBS minimises the layer's output error, and the attention and MLP columns feed the
+same output, so the best refit after removing a head may use MLP columns; the sub-block solve is
+a least-squares fit over fewer columns and can only be worse (see
+:mod:`edm.methods.weight.structured`).
 """
 
 from __future__ import annotations
@@ -55,10 +66,12 @@ def obs_prune_target(
         return {"name": target.name, "kind": target.kind, "groups": target.num_groups,
                 "pruned": 0, "score": 0.0}
     if len(Ws) > 1:
+        assert target.span is None, "joint heads own whole consumers"
         res = obs_prune_heads_joint(Ws, Hs, k, target.group_size, percdamp, no_compensate, rrf_k)
         new = res.W
-    else:
-        res = obs_prune_structured(Ws[0], Hs[0], k, target.group_size, percdamp, no_compensate)
+    else:  # span / removed: None / empty except on a consumer shared with siblings (FLUX)
+        res = obs_prune_structured(Ws[0], Hs[0], k, target.group_size, percdamp, no_compensate,
+                                   span=target.span, removed=target.removed_columns())
         new = [res.W]
     for (_, lin), W in zip(target.consumers, new):
         _write(lin, W)
@@ -98,7 +111,10 @@ class OBSDiffStructured(StructuredPruning):
         hessians = {n: stats[n].H for n, _ in target.consumers if n in stats}
         result = obs_prune_target(target, hessians, self.sparsity, self.percdamp,
                                   self.no_compensate, self.rrf_k)
-        for n, _ in target.consumers:  # this target's Hessians are done; free before the next
-            if n in stats:
-                stats[n].free()
+        # this target's Hessians are done; free before the next (a FLUX proj_out's only when
+        # its sibling, which needs the same Hessian, has been pruned too)
+        if all(s.pruned is not None for s in target.siblings):
+            for n, _ in target.consumers:
+                if n in stats:
+                    stats[n].free()
         return result

@@ -9,11 +9,19 @@ projections whose input columns are the heads / neurons (``to_out.0``, MMDiT's `
   the joint attention), columns of the consumers, then ``attn.heads``; diffusers' processors derive
   ``head_dim = key.shape[-1] // attn.heads``, so the head dimension is unchanged.
 * FFN neurons: rows of ``ff.net.0.proj`` -- both halves ``i`` and ``i + inner`` for GEGLU (UNets),
-  one row for SD3's GELU -- and columns of ``ff.net.2``.
+  one row for SD3's and FLUX's GELU -- and columns of ``ff.net.2``.
+
+Architectures: UNets (``BasicTransformerBlock``: ``attn1``, ``attn2``, ``ff``), MMDiT
+(``JointTransformerBlock``: joint ``attn`` of both streams, ``attn2``, ``ff``, ``ff_context``) and
+FLUX.1 (:mod:`edm.methods.weight.slicing_flux`): double-stream blocks are MMDiT joint blocks;
+single-stream blocks have no attention output projection -- ``proj_out`` reads
+``cat([attention heads, MLP neurons])`` -- so their head target and their MLP target share that
+consumer, each owning a column range of it (``col_offset``, ``num_cols``).
 
 A masked target (consumer columns zeroed, producers intact) computes exactly what the sliced one
-computes, which is what ``tests/test_structured.py`` checks. Slicing replaces parameters of the
-existing ``nn.Linear`` objects, so hooks and references to the modules stay valid.
+computes, which is what ``tests/test_structured.py`` and ``tests/test_flux_structured.py``
+check. Slicing replaces parameters of the existing ``nn.Linear`` objects, so hooks and
+references to the modules stay valid.
 
 This module knows where the structures are and how to mask, slice and measure them; *which*
 groups go is each method's ``choose`` (:class:`edm.methods.weight.base_structured.StructuredPruning`
@@ -23,89 +31,37 @@ runs the package loop around it).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from edm.eval.flops import count_params
 from edm.families import adapter
+from edm.methods.weight.slicing_flux import flux_layer_targets
+from edm.methods.weight.targets import (
+    Named,
+    StructuredTarget,
+    attn_target,
+    ffn_target,
+    group_columns,
+)
 
 log = logging.getLogger(__name__)
-
-Named = tuple[str, nn.Linear]
-
-
-@dataclass(eq=False)  # identity semantics: targets are dict keys
-class StructuredTarget:
-    """One prunable structure (see the module docstring).
-
-    Attributes:
-        name: module path of the attention / feed-forward module in the denoiser.
-        kind: ``heads`` or ``ffn``.
-        group: target group it belongs to (``attn``, ``ff``, ``context``).
-        layer_index: transformer layer index in forward order (for first/last exclusion).
-        module: the ``Attention`` or ``FeedForward`` module.
-        consumers: ``(name, linear)`` whose input columns are pruned; need input Hessians.
-        producers: ``(name, linear, gated)`` whose output rows are sliced; ``gated`` = GEGLU.
-        group_size: columns per group (head_dim, or 1 for neurons).
-        pruned: pruned group indices, set by a method's ``choose`` (or :func:`mask_target`).
-    """
-
-    name: str
-    kind: str
-    group: str
-    layer_index: int
-    module: nn.Module
-    consumers: list[Named]
-    producers: list[tuple[str, nn.Linear, bool]]
-    group_size: int
-    pruned: list[int] | None = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def num_groups(self) -> int:
-        return self.consumers[0][1].in_features // self.group_size
-
-    def num_to_prune(self, sparsity: float) -> int:
-        """round(groups * sparsity) as the reference code, keeping at least one group."""
-        return max(0, min(round(self.num_groups * sparsity), self.num_groups - 1))
-
-
-def _attn_target(name, attn, group, idx) -> StructuredTarget | None:
-    if attn is None:
-        return None
-    prod = [f"to_{p}" for p in "qkv"] + [f"add_{p}_proj" for p in "qkv"]
-    producers = [(f"{name}.{p}", getattr(attn, p), False) for p in prod
-                 if isinstance(getattr(attn, p, None), nn.Linear)]
-    consumers = [(f"{name}.to_out.0", attn.to_out[0])]
-    if isinstance(getattr(attn, "to_add_out", None), nn.Linear):
-        consumers.append((f"{name}.to_add_out", attn.to_add_out))
-    head_dim = attn.to_q.out_features // attn.heads
-    return StructuredTarget(name, "heads", group, idx, attn, consumers, producers, head_dim)
-
-
-def _ffn_target(name, ff, group, idx) -> StructuredTarget | None:
-    if ff is None:
-        return None
-    up, down = ff.net[0].proj, ff.net[2]
-    gated = up.out_features == 2 * down.in_features  # GEGLU: [hidden | gate] halves
-    assert gated or up.out_features == down.in_features, f"{name}: unexpected FFN shapes"
-    return StructuredTarget(
-        name, "ffn", group, idx, ff, [(f"{name}.net.2", down)], [(f"{name}.net.0.proj", up, gated)], 1
-    )
-
 
 def resolve_exclude_first_last(exclude_first_last: bool | None, arch: str) -> bool:
     """``None`` = what the paper's tables do for this architecture.
 
     MMDiT: excluded (Tables 4 and 9 say "first and last transformer blocks were excluded").
+    FLUX.1: excluded, as MMDiT: the paper has no FLUX table, and FLUX is an MMDiT-style
+    transformer (its double-stream blocks are MMDiT blocks), so the rule of its transformer
+    tables applies; first and last are over the forward order of all blocks, i.e. double-stream
+    block 0 and the last single-stream block (the one that feeds ``norm_out``).
     UNet: included -- Table 3 (SDXL, 30 %: 1.91 B params, 4.70 TFLOPs) is reproduced only with
     every block pruned (1.912 B / 4.693 T measured; excluding the first and last
     ``BasicTransformerBlock`` gives 1.918 B / 4.730 T), see experiments/results/bench_structured.md.
     """
     if exclude_first_last is None:
-        return arch == "mmdit"
+        return arch in ("mmdit", "flux")
     return bool(exclude_first_last)
 
 
@@ -119,34 +75,40 @@ def structured_targets(
 
     Args:
         denoiser: ``pipe.unet`` or ``pipe.transformer``.
-        family: model family (selects the adapter: UNet or MMDiT).
-        exclude_first_last: skip the first and last transformer layers (forward order);
-            ``None`` (default) follows the paper's tables: True for MMDiT, False for UNets (see
+        family: model family (selects the adapter: UNet, MMDiT or FLUX).
+        exclude_first_last: skip the first and last transformer layers (forward order; FLUX:
+            double-stream then single-stream blocks); ``None`` (default) follows the paper's
+            tables: True for MMDiT and FLUX, False for UNets (see
             :func:`resolve_exclude_first_last`). The public script only skips the last MMDiT
             block (``context_pre_only``); spec §2.4.
-        groups: ``attn`` = attention heads (MMDiT joint attention prunes both streams' heads
-            together, they share heads), ``ff`` = image FFN neurons, ``context`` = MMDiT text FFN.
+        groups: ``attn`` = attention heads (MMDiT / FLUX double-stream joint attention prunes
+            both streams' heads together, they share heads; FLUX single-stream heads),
+            ``ff`` = image FFN neurons (FLUX single-stream: MLP neurons), ``context`` = the text
+            FFN of MMDiT / FLUX double-stream blocks.
     """
     ad = adapter(family)
     exclude_first_last = resolve_exclude_first_last(exclude_first_last, ad.arch)
-    layers = [(n, m) for blk in ad.attention_blocks(denoiser) for n, m in blk.layers]  # forward order
+    layers = [(blk.stage, n, m) for blk in ad.attention_blocks(denoiser) for n, m in blk.layers]
     targets = []
-    for idx, (name, layer) in enumerate(layers):
+    for idx, (stage, name, layer) in enumerate(layers):  # forward order
         if exclude_first_last and idx in (0, len(layers) - 1):
             log.info("structured: skipping layer %s <method.exclude_first_last=true>", name)
+            continue
+        if ad.arch == "flux":
+            targets += flux_layer_targets(name, layer, stage, groups, idx)
             continue
         cands = []
         if "attn" in groups:
             if ad.arch == "mmdit":
-                cands += [_attn_target(f"{name}.attn", layer.attn, "attn", idx),
-                          _attn_target(f"{name}.attn2", getattr(layer, "attn2", None), "attn", idx)]
+                cands += [attn_target(f"{name}.attn", layer.attn, "attn", idx),
+                          attn_target(f"{name}.attn2", getattr(layer, "attn2", None), "attn", idx)]
             else:
-                cands += [_attn_target(f"{name}.attn1", layer.attn1, "attn", idx),
-                          _attn_target(f"{name}.attn2", getattr(layer, "attn2", None), "attn", idx)]
+                cands += [attn_target(f"{name}.attn1", layer.attn1, "attn", idx),
+                          attn_target(f"{name}.attn2", getattr(layer, "attn2", None), "attn", idx)]
         if "ff" in groups:
-            cands.append(_ffn_target(f"{name}.ff", layer.ff, "ff", idx))
+            cands.append(ffn_target(f"{name}.ff", layer.ff, "ff", idx))
         if "context" in groups and ad.arch == "mmdit":
-            cands.append(_ffn_target(f"{name}.ff_context", layer.ff_context, "context", idx))
+            cands.append(ffn_target(f"{name}.ff_context", layer.ff_context, "context", idx))
         targets += [t for t in cands if t is not None]
     return targets
 
@@ -155,7 +117,9 @@ def structured_units(targets: list[StructuredTarget]) -> list[list[Named]]:
     """Consumer layers as ordered basic units (only they need Hessians), for module packages.
 
     The image and text FFNs of one MMDiT block read independent inputs, so they share a unit,
-    like OBS-Diff's ``{ff.net.2, ff_context.net.2}`` rule; every other target is its own unit.
+    like OBS-Diff's ``{ff.net.2, ff_context.net.2}`` rule; the head and MLP targets of a FLUX
+    single-stream block have one consumer (``proj_out``), listed once; every other target is
+    its own unit.
     """
     units: list[list[Named]] = []
     last_ffn_layer = None
@@ -163,20 +127,16 @@ def structured_units(targets: list[StructuredTarget]) -> list[list[Named]]:
         if t.kind == "ffn" and t.group == "context" and last_ffn_layer == t.layer_index:
             units[-1] = units[-1] + list(t.consumers)
             continue
+        if units and [n for n, _ in t.consumers] == [n for n, _ in units[-1]]:
+            continue  # a sibling's consumer, already a unit
         units.append(list(t.consumers))
         last_ffn_layer = t.layer_index if t.kind == "ffn" else None
     return units
 
 
-def _columns(target: StructuredTarget, groups: list[int]) -> torch.Tensor:
-    g = target.group_size
-    idx = torch.as_tensor(groups, dtype=torch.long)
-    return (idx[:, None] * g + torch.arange(g)).flatten()
-
-
 def mask_target(target: StructuredTarget, pruned: list[int]) -> None:
     """Zero the consumers' columns of ``pruned`` groups without compensation (L1, tests)."""
-    cols = _columns(target, pruned)
+    cols = target.columns(pruned)
     with torch.no_grad():
         for _, lin in target.consumers:
             lin.weight[:, cols.to(lin.weight.device)] = 0
@@ -199,43 +159,74 @@ def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor 
 
 
 def slice_target(target: StructuredTarget) -> None:
-    """Physically remove ``target.pruned`` groups from producers, consumers and attributes."""
-    if not target.pruned:
-        return
-    n = target.num_groups
-    keep = [i for i in range(n) if i not in set(target.pruned)]
-    cols = _columns(target, keep)
-    for _, lin in target.consumers:
-        _slice_linear(lin, None, cols)
-    for _, lin, gated in target.producers:
-        rows = torch.cat([cols, cols + n]) if gated else cols  # GEGLU: both halves
-        _slice_linear(lin, rows, None)
-    if target.kind == "heads":
-        attn = target.module
-        attn.heads = len(keep)
-        attn.inner_dim = cols.numel()
-        if hasattr(attn, "inner_kv_dim"):
-            attn.inner_kv_dim = cols.numel()
-        if hasattr(attn, "sliceable_head_dim"):
-            attn.sliceable_head_dim = len(keep)
-    target.info["kept"] = len(keep)
-    target.pruned = []  # sliced: indices no longer refer to the module
+    """Physically remove ``target.pruned`` groups (see :func:`slice_targets`)."""
+    slice_targets([target])
 
 
 def slice_targets(targets: list[StructuredTarget]) -> dict:
-    """Slice every pruned target; returns ``{target name: groups kept}``."""
-    out = {}
+    """Physically remove every target's ``pruned`` groups from producers, consumers and
+    attributes; returns ``{target name: {"before", "after"}}`` groups.
+
+    A consumer shared by sibling targets (FLUX single-stream ``proj_out``) is sliced once, for
+    all of its owners' pruned columns; the owners' ``col_offset`` then moves down by the number
+    of columns removed before it.
+    """
+    out = {t.name: {"before": t.num_groups} for t in targets}
+    todo = [t for t in targets if t.pruned]
+    groups_before = {id(t): t.num_groups for t in todo}  # read before the consumers shrink
+    dropped: dict[int, tuple[nn.Linear, list[torch.Tensor]]] = {}  # consumer -> its pruned columns
+    for t in todo:
+        for _, lin in t.consumers:
+            dropped.setdefault(id(lin), (lin, []))[1].append(t.columns(t.pruned))
+    gone = {k: torch.cat(c) for k, (_, c) in dropped.items()}
+    # every owner of a sliced consumer, sliced target or not, gets its new offset
+    owners = {id(o): o for t in todo for o in [t, *t.siblings]}
+    for o in owners.values():
+        cols = gone.get(id(o.consumers[0][1]))
+        if cols is not None:
+            o.col_offset -= int((cols < o.col_offset).sum())
+    for k, (lin, _) in dropped.items():
+        keep = torch.ones(lin.in_features, dtype=torch.bool)
+        keep[gone[k]] = False
+        _slice_linear(lin, None, torch.nonzero(keep).flatten())
+    for t in todo:
+        n = groups_before[id(t)]
+        kept = [i for i in range(n) if i not in set(t.pruned)]
+        rows = group_columns(t, kept)  # producer rows: the target's own channels, no offset
+        for _, lin, gated in t.producers:
+            _slice_linear(lin, torch.cat([rows, rows + n]) if gated else rows, None)  # GEGLU
+        if t.num_cols is not None:
+            t.num_cols = rows.numel()
+        if t.kind == "heads":
+            attn = t.module
+            attn.heads = len(kept)
+            attn.inner_dim = rows.numel()
+            if hasattr(attn, "inner_kv_dim"):
+                attn.inner_kv_dim = rows.numel()
+            if hasattr(attn, "sliceable_head_dim"):
+                attn.sliceable_head_dim = len(kept)
+        t.info["kept"] = len(kept)
+        t.pruned = []  # sliced: indices no longer refer to the module
+    for t in todo:
+        if t.resync is not None:
+            t.resync()
     for t in targets:
-        before = t.num_groups
-        slice_target(t)
-        out[t.name] = {"before": before, "after": t.num_groups}
+        out[t.name]["after"] = t.num_groups
     return out
+
+
+def _targeted_linears(targets: list[StructuredTarget]) -> list[nn.Linear]:
+    """Producers and consumers of ``targets``, each once (sibling targets share consumers)."""
+    lins = {}
+    for t in targets:
+        for lin in [c for _, c in t.consumers] + [p for _, p, _ in t.producers]:
+            lins[id(lin)] = lin
+    return list(lins.values())
 
 
 def target_weight_count(targets: list[StructuredTarget]) -> int:
     """Weights of the producers and consumers of ``targets`` (the targeted layers)."""
-    return sum(lin.weight.numel() for t in targets for lin in
-               [m for _, m in t.consumers] + [m for _, m, _ in t.producers])
+    return sum(lin.weight.numel() for lin in _targeted_linears(targets))
 
 
 def finish(denoiser, targets, results, params_before, weights_before, do_slice=True) -> dict:
@@ -245,7 +236,8 @@ def finish(denoiser, targets, results, params_before, weights_before, do_slice=T
         slice_targets(targets)
         removed = weights_before - target_weight_count(targets)
     else:
-        removed = sum(int((lin.weight == 0).sum()) for t in targets for _, lin in t.consumers)
+        consumers = {id(lin): lin for t in targets for _, lin in t.consumers}.values()
+        removed = sum(int((lin.weight == 0).sum()) for lin in consumers)
     return {
         "targets": results,
         "kept": {t.name: t.num_groups - len(t.pruned or []) for t in targets},

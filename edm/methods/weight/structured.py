@@ -14,6 +14,16 @@ FFN neurons go in rounds of ``cnt`` columns (SlimGPT schedule: blocksize = (targ
 cnt = min(left, max(blocksize, 64), 1024), blocksize halves towards 0); heads go one per round.
 ``H^-1`` is recomputed after every round on the surviving columns (a pruned column is decoupled,
 so inverting the surviving sub-matrix equals the reference's "zero the rows, set diag to 1").
+
+A consumer can hold several structures side by side: FLUX's single-stream ``proj_out`` reads
+``cat([attention heads, MLP neurons])``. :func:`obs_prune_structured` then takes ``span``, the
+column range whose groups may be removed, and ``removed``, columns an earlier solve on the same
+layer already took out. Candidates are ranked only inside ``span``, but the scores and the
+compensation use the inverse Hessian of *every* surviving column of the layer: that is the OBS
+step for "remove these columns, refit the rest" on the layer as it is, so heads are compensated
+by MLP columns too (and vice versa). Restricting ``H`` to the span's diagonal block would ignore
+the attention/MLP input correlations and give a worse refit (a least-squares fit over a subset
+of the surviving columns); ``tests/test_flux_structured.py`` checks the full-layer refit.
 """
 
 from __future__ import annotations
@@ -107,11 +117,16 @@ def _remove(W: torch.Tensor, Hinv: torch.Tensor, chosen: torch.Tensor, compensat
     W[:, chosen] = 0
 
 
-def _check(W: torch.Tensor, H: torch.Tensor, group_size: int, num_prune: int) -> int:
+def _check(W: torch.Tensor, H: torch.Tensor, group_size: int, num_prune: int,
+           span: tuple[int, int] | None = None) -> int:
     cols = W.shape[1]
     assert H.shape == (cols, cols), f"H must be [{cols}, {cols}], got {tuple(H.shape)}"
-    assert group_size >= 1 and cols % group_size == 0, f"{cols} columns not divisible by {group_size}"
-    n = cols // group_size
+    lo, hi = span if span is not None else (0, cols)
+    assert 0 <= lo < hi <= cols, f"span {span} outside the {cols} columns"
+    width = hi - lo
+    assert group_size >= 1 and width % group_size == 0, \
+        f"{width} columns not divisible by {group_size}"
+    n = width // group_size
     assert 0 <= num_prune < n, f"cannot prune {num_prune} of {n} groups (keep at least one)"
     return n
 
@@ -128,6 +143,8 @@ def obs_prune_structured(
     group_size: int = 1,
     percdamp: float = 0.01,
     no_compensate: bool = False,
+    span: tuple[int, int] | None = None,
+    removed: torch.Tensor | None = None,
 ) -> StructuredResult:
     """Remove ``num_prune`` column groups of ``W`` with OBS compensation.
 
@@ -141,19 +158,37 @@ def obs_prune_structured(
             if the Cholesky factorisation fails.
         no_compensate: only zero the columns (OBS-Diff's ``--no_compensate`` ablation; the
             ranking still uses the Hessian). The reconstruction error is then never smaller.
+        span: ``(lo, hi)`` columns whose groups are candidates (group ``j`` = columns
+            ``lo + j*group_size ...``); ``None`` = all columns. Columns outside it are
+            compensated, never removed (see the module docstring).
+        removed: column indices (outside ``span``) already removed from ``W`` by an earlier
+            solve; they are left as they are (zero) and take no part in scores or compensation.
+
+    Returns:
+        ``pruned`` holds group indices relative to ``span``.
     """
-    n = _check(W, H, group_size, num_prune)
+    n = _check(W, H, group_size, num_prune, span)
+    lo = span[0] if span is not None else 0
     W, H = _prepare(W, H, percdamp)
     g = group_size
+    # surviving columns outside the span: part of every inverse and compensation, never chosen
+    outside = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    outside[lo : lo + n * g] = False
+    if removed is not None and removed.numel():
+        removed = removed.to(W.device)
+        assert not (~outside[removed]).any(), "removed columns must lie outside the span"
+        outside[removed] = False
+    rest = torch.nonzero(outside).flatten()  # empty without span / removed: the plain solve
     alive = torch.ones(n, dtype=torch.bool, device=W.device)  # groups still present
     rounds = ffn_round_sizes(num_prune) if g == 1 else [1] * num_prune
     score = 0.0
     for cnt in rounds:
         groups = torch.nonzero(alive).flatten()
-        cols = _expand(groups, g)
+        m = groups.numel() * g
+        cols = torch.cat([_expand(groups, g) + lo, rest])  # candidates first, then the rest
         Hinv = _inverse(H[cols][:, cols])
         Wa = W[:, cols]
-        s = _group_scores(Wa, Hinv, g)
+        s = _group_scores(Wa[:, :m], Hinv[:m, :m], g)
         local = torch.argsort(s)[:cnt]  # ascending score = cheapest first
         score += float(s[local].sum())
         _remove(Wa, Hinv, _expand(local, g), compensate=not no_compensate)
