@@ -8,6 +8,10 @@ module packages keep together). Two architectures cover every model of the proje
 * ``unet``  -- ``UNet2DConditionModel`` with ``Transformer2DModel`` attention blocks made of
   ``BasicTransformerBlock`` layers (SD1.5, SD2.1, SDXL and the embedded ``digits`` model).
 * ``mmdit`` -- ``SD3Transformer2DModel`` made of ``JointTransformerBlock`` layers (SD3, SD3.5).
+* ``unet2d`` -- the unconditional pixel-space ``UNet2DModel`` of DDPM (family ``ddpm``:
+  ``google/ddpm-cifar10-32``, OBS-Diff's Table 10). Its self-attention is a plain ``Attention``
+  inside ``AttnDown/UpBlock2D``, with no text context: no attention blocks or linear units for
+  the token and layer-wise methods; Diff-Pruning prunes its channels with torch-pruning.
 
 Model configs name a ``family`` (``digits``, ``sd15``, ``sd21``, ``sdxl``, ``sd3``); ``ARCH`` maps
 it to the adapter.
@@ -22,13 +26,15 @@ from torch import nn
 
 from edm.errors import UnsupportedFamily
 
-FAMILIES = ("digits", "sd15", "sd21", "sdxl", "sd3", "flux")
+FAMILIES = ("digits", "sd15", "sd21", "sdxl", "sd3", "flux", "ddpm")
 ARCH = {"digits": "unet", "sd15": "unet", "sd21": "unet", "sdxl": "unet", "sd3": "mmdit",
         "flux": "flux"}
 # The families a method supports unless it says otherwise (``Method.supported_families``).
-# FLUX.1 is a family (dense runs, adapter, FLOPs) before every method is ported to it
-# (issue 12): a method opts in by listing it, so none claims Flux support it does not have.
+# FLUX.1 (and DDPM) are not in it: a method opts in by listing them, so none claims support
+# for an architecture it was not ported to (every method but Diff-Pruning lists flux).
 METHOD_FAMILIES = ("digits", "sd15", "sd21", "sdxl", "sd3")
+# The unconditional DDPM UNet (issue 12): dense runs and Diff-Pruning (which lists it) only.
+ARCH["ddpm"] = "unet2d"
 
 # Schedulers a family's pipeline can run (``model.loader.scheduler``). UNet families are
 # epsilon/v-prediction models: any of diffusers' ``KarrasDiffusionSchedulers`` (the set their
@@ -45,6 +51,9 @@ SCHEDULERS = {
     # FluxPipeline passes resolution-dependent shift (mu) and sigmas: Euler flow matching only
     "flux": ("FlowMatchEulerDiscreteScheduler",),
 }
+
+# An epsilon-prediction UNet like the others (its DDPM betas are kept by from_config).
+SCHEDULERS["unet2d"] = SCHEDULERS["unet"]
 
 # Target groups a weight method may select (``method.targets``).
 TARGET_GROUPS = ("attn", "ff", "context")
@@ -271,7 +280,18 @@ class FluxAdapter(Adapter):
         ]
 
 
-_ADAPTERS = {"unet": UNetAdapter(), "mmdit": MMDiTAdapter(), "flux": FluxAdapter()}
+class UNet2DAdapter(UNetAdapter):
+    """``UNet2DModel`` (DDPM): the denoiser is ``pipe.unet`` as for the text-to-image UNets, but
+    there is no ``Transformer2DModel``, so no attention blocks and no prunable linear units."""
+
+    arch = "unet2d"
+
+    def attention_blocks(self, denoiser):
+        return []
+
+
+_ADAPTERS = {"unet": UNetAdapter(), "mmdit": MMDiTAdapter(), "flux": FluxAdapter(),
+             "unet2d": UNet2DAdapter()}
 
 
 def adapter(family_or_pipe) -> Adapter:

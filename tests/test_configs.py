@@ -36,7 +36,7 @@ def test_model_loader_instantiates(option, compose_job):
     cfg = compose_job([f"model={option}"])
     loader = instantiate(cfg.model.loader)
     assert hasattr(loader, "check") and hasattr(loader, "load")
-    assert cfg.model.family in ("digits", "sd15", "sd21", "sdxl", "sd3", "flux")
+    assert cfg.model.family in ("digits", "sd15", "sd21", "sdxl", "sd3", "flux", "ddpm")
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

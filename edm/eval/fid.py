@@ -43,7 +43,8 @@ INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 )
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-_REF_RE = re.compile(r"^(?P<dataset>[a-z]+(?P<year>\d{4})?)_(?P<split>[a-z]+)(?P<res>\d+)$")
+# A 4-digit suffix is a year (coco2014); any other digits belong to the name (cifar10_train32).
+_REF_RE = re.compile(r"^(?P<dataset>[a-z]+(?:(?P<year>\d{4})|\d+)?)_(?P<split>[a-z]+)(?P<res>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ class FID:
             Inception (tests). Requires ``feature_name`` so its stats never mix with Inception's.
         feature_name: tag for ``feature_model`` in stats file names.
         feature_size: input size ``S`` for ``feature_model`` (Inception uses 299).
+        how_to_build: the command that builds the missing statistics, shown by :meth:`check`
+            (``None`` = the COCO ``edm.eval.precompute`` command; CIFAR-10 sets its own).
     """
 
     name = "fid"
@@ -173,6 +176,7 @@ class FID:
         feature_model: Callable[[torch.Tensor], torch.Tensor] | None = None,
         feature_name: str | None = None,
         feature_size: int = 299,
+        how_to_build: str | None = None,
     ):
         if mode not in MODES:
             raise ConfigError("eval.fid.mode", f"unsupported clean-fid mode '{mode}'.", MODES)
@@ -194,6 +198,7 @@ class FID:
             feature_name,
             feature_size,
         )
+        self.how_to_build = how_to_build
         self._model: Callable | None = feature_model
         self.meta: dict[str, str] = {"mode": mode, "reference": reference}
 
@@ -218,6 +223,11 @@ class FID:
         """Pre-flight: the Inception file (unless injected) and the reference statistics exist."""
         if self.feature_model is None:
             self._require_inception()
+        if not self.stats_path.is_file() and self.how_to_build:
+            raise MissingWeightsError(
+                f"FID reference statistics {self.stats_path} do not exist. Build them once:\n"
+                f"    {self.how_to_build}\n(or copy {self.stats_path.name} into {self.cache_dir})."
+            )
         if not self.stats_path.is_file():
             raise MissingWeightsError(
                 f"FID reference statistics {self.stats_path} do not exist. Build them once "

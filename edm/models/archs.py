@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edm.models.random_weights import materialize
+
 _SD_UNET_COMMON = {
     "in_channels": 4,
     "out_channels": 4,
@@ -263,41 +265,6 @@ def arch_spec(name: str) -> ArchSpec:
     return ARCHS[name]
 
 
-@torch.no_grad()
-def materialize(module: nn.Module, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
-    """Replace meta parameters by random ones on ``device`` (std ``1/sqrt(fan_in)``, norms = 1,
-    biases std 0.02).
-
-    Drawing 2.6 B normals takes minutes on one core, so weights are tiled from one block of
-    ``_RANDOM_BLOCK`` (a prime, so rows of a matrix do not repeat) seeded normals: memory-bound
-    copies. Good enough for timing (finite activations at a sane scale); never for quality.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    block = torch.randn(_RANDOM_BLOCK, generator=gen)
-    for mod in module.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None or not p.is_meta:
-                continue
-            if p.dim() >= 2:
-                scaled = (block * p[0].numel() ** -0.5).to(dtype)
-                t = torch.empty(p.numel(), dtype=dtype)
-                for start in range(0, p.numel(), _RANDOM_BLOCK):  # one write pass, no temporaries
-                    chunk = t[start : start + _RANDOM_BLOCK]
-                    chunk.copy_(scaled[: chunk.numel()])
-                t = t.view(p.shape)
-            elif name == "weight":  # norm scales
-                t = torch.ones(p.shape, dtype=dtype)
-            else:  # biases: small but non-zero, so "non-zero parameters" reads as dense
-                n = p.numel()
-                t = (block[:n].repeat(n // _RANDOM_BLOCK + 1)[:n] * 0.02).to(dtype).view(p.shape)
-            mod._parameters[name] = nn.Parameter(t.to(device), requires_grad=False)
-    nn.Module.to(module, device=device, dtype=dtype)  # buffers
-    return module
-
-
-_RANDOM_BLOCK = 1_000_003
-
-
 def build_denoiser(
     arch: str | ArchSpec,
     device: str | torch.device = "meta",
@@ -390,3 +357,15 @@ def sample_inputs(
         "encoder_hidden_states": ctx,
         "pooled_projections": torch.zeros(batch_size, spec.pooled_dim, **kw),
     }
+
+
+# DDPM CIFAR-10 (google/ddpm-cifar10-32 unet/config.json minus UNet2DModel defaults; Table 10):
+# 35.75 M; 6.05 G conv+linear MACs at 32x32, the tables' "6.1 G" (6.22 G with attention).
+ARCHS["ddpm_cifar10"] = ArchSpec(
+    name="ddpm_cifar10", family="ddpm", cls="UNet2DModel", resolution=32, text_dims=(),
+    context_len=0, params=35.7e6, params_note="OBS-Diff Table 10, Diff-Pruning: 35.7 M",
+    config={"sample_size": 32, "block_out_channels": (128, 256, 256, 256),
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            "attention_head_dim": None, "downsample_padding": 0, "flip_sin_to_cos": False,
+            "freq_shift": 1, "norm_eps": 1e-6})

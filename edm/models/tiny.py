@@ -10,6 +10,8 @@ tensors), yet keep the structure the methods depend on:
   attention block at the lower levels and in the mid block (``transformer_layers_per_block``
   > 1, so "prune after the first layer" has a place to act), two text encoders, the
   ``text_time`` added embedding (pooled text + 6 micro-conditioning ids);
+* ``tiny_ddpm``: an unconditional pixel-space ``UNet2DModel`` shaped like DDPM CIFAR-10's
+  (self-attention at one level, no text encoder, no VAE: 3x16x16 images);
 * ``tiny_sd3``: an MMDiT with 3 joint blocks (the last is ``context_pre_only``; a middle one
   exists for "exclude first and last block" rules), two CLIP encoders and
   ``text_encoder_3=None`` (T5 dropped: the pipeline feeds zeros for its 256 tokens).
@@ -207,14 +209,47 @@ def tiny_flux(seed: int = 0, num_layers: int = 2, num_single_layers: int = 2,
     return pipe
 
 
+def tiny_ddpm(seed: int = 0):
+    """Tiny unconditional DDPM (``edm.models.ddpm_pipeline.DDPMUncondPipeline``): a pixel-space
+    ``UNet2DModel`` shaped like ``google/ddpm-cifar10-32`` -- ResNet levels, plain self-attention
+    at the second level only (down and up), no text -- on 3x16x16 images, with DDPM's linear
+    betas under a DDIM sampler (the CIFAR-10 config's ``clip_sample`` kept)."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from edm.models.ddpm_pipeline import DDPMUncondPipeline
+
+    unet = _seeded(
+        seed,
+        UNet2DModel,
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None,  # one head per attention layer, as in the CIFAR-10 model
+        norm_num_groups=4,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    )
+    scheduler = DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                              clip_sample=True)
+    pipe = DDPMUncondPipeline(unet=unet, scheduler=scheduler)
+    pipe.edm_family = "ddpm"
+    return pipe
+
+
 TINY_BUILDERS = {"sd15": tiny_sd15, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
+TINY_BUILDERS["ddpm"] = tiny_ddpm
 
 
 class TinyPipeline:
     """Loader of ``conf/model/tiny_*.yaml``: a tiny random-weight pipeline, no download.
 
     Args:
-        kind: ``sd15``, ``sdxl`` or ``sd3`` (which builder of this module).
+        kind: ``sd15``, ``sdxl``, ``sd3``, ``flux`` or ``ddpm`` (which builder of this module).
         seed: weight seed (the same seed gives the same weights on every machine).
         scheduler: optional diffusers scheduler class name replacing the default (as for
             :class:`edm.models.zoo.HubPipeline`), e.g. ``PNDMScheduler`` to mimic SD1.5.

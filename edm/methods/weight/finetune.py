@@ -1,0 +1,76 @@
+"""DDPM fine-tuning of a (structurally pruned) UNet: the training half of Diff-Pruning.
+
+Standard epsilon-prediction training (Ho et al. 2020): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``
+at a uniform ``t``, MSE to ``eps``, AdamW, gradient clipping at 1. Conditional UNets (digits) get
+their text states with an empty-prompt dropout so classifier-free guidance keeps working;
+unconditional ones (``UNet2DModel``, family ``ddpm``) are called without them.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def finetune(unet, scheduler, x_all, ctx_all, *, steps, lr, batch_size, p_uncond, empty_ctx,
+             generator, ema_decay=0.0, hflip=False, dropout=None) -> dict:
+    """Standard epsilon-prediction DDPM training of the pruned UNet for ``steps`` steps.
+
+    ``ctx_all`` ``None``: unconditional (no prompt dropout). ``ema_decay`` > 0: the UNet ends
+    with the moving average of its weights; ``hflip``: random horizontal flips of x0;
+    ``dropout``: the rate of every ``nn.Dropout`` while training (``None`` = the model's own;
+    restored afterwards, so sampling is unaffected either way).
+    """
+    if steps == 0:
+        return {"steps": 0, "seconds": 0.0, "final_loss": None}
+    g = generator
+    t0 = time.perf_counter()
+    T = scheduler.config.num_train_timesteps
+    alphas = scheduler.alphas_cumprod.to(x_all.device, torch.float32)
+    drops = [m for m in unet.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in drops]
+    if dropout is not None:
+        for m in drops:
+            m.p = float(dropout)
+    unet.train().requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params] if ema_decay > 0 else None
+    running = []
+    with torch.enable_grad():
+        for k in range(steps):
+            i = torch.randint(len(x_all), (batch_size,), generator=g)
+            x0 = x_all[i]
+            if hflip:
+                flip = (torch.rand(batch_size, generator=g) < 0.5).to(x0.device)
+                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+            kw = {}
+            if ctx_all is not None:
+                c = ctx_all[i].clone()
+                c[torch.rand(batch_size, generator=g) < p_uncond] = empty_ctx.to(c)
+                kw = {"encoder_hidden_states": c}
+            t = torch.randint(T, (batch_size,), generator=g)
+            noise = torch.randn(x0.shape, generator=g).to(x0)
+            a = alphas[t].view(-1, 1, 1, 1).to(x0)
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(x0.device), **kw).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if ema is not None:  # ema <- ema + (1 - d) (p - ema)
+                d = min(ema_decay, (1 + k) / (10 + k))
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - d)
+            running.append(loss.item())
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
+    for m, p in zip(drops, rates):
+        m.p = p
+    unet.eval()
+    tail = running[-min(50, len(running)):]
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "final_loss": sum(tail) / len(tail),
+            "ema_decay": ema_decay, "dropout": dropout}
