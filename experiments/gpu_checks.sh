@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CUDA checks and GPU benchmarks, for a machine with one CUDA GPU (about 7 min on an H100).
+# CUDA checks and GPU benchmarks, for a machine with one CUDA GPU (about 7 min on an H100,
+# before the Table 5 block was added: measure it on the next loan).
 #   bash experiments/gpu_checks.sh [OUT_DIR]      # default OUT_DIR: experiments/results
 # 1. tests/test_gpu.py (-m gpu): the CUDA paths against CPU results and device-free invariants;
 # 2. experiments/bench_token.py on CUDA in bf16: SD-XL at 1024² (the paper's latency setting) and
@@ -21,3 +22,6 @@ $bench --rounds 20 --archs sd15 --size 512 --batch 16 \
 # 4 images with CFG: closest to the paper's latency setting (compute-bound on an H100)
 $bench --rounds 10 --archs sdxl --size 1024 --batch 8 \
     --rows dense,at_edm,at_edm_dagger,tome_sd,tomesd --append --out "$out/bench_token_gpu.md"
+# OBS-Diff Table 5: one SD3.5-Large MMDiT block, batch 4, 1024² tokens, bf16: dense / 2:4
+# (torch semi-structured sparse kernels) / structured 15-30 % (not yet run on a GPU)
+$py experiments/bench_table5.py --device cuda --dtype bf16 --out "$out/bench_table5_gpu.md"

@@ -43,6 +43,9 @@ class CaptionsFile:
             trajectory settings (paper: 25, 7.0, 512, 512, 4, 24432); ``None`` leaves them to
             the run's generation settings.
         name: label used in logs and reports.
+        scheduler: sampler of the calibration trajectories only (a diffusers scheduler class,
+            e.g. ``FlowMatchEulerDiscreteScheduler``); ``None`` = the loaded pipeline's. OBS-Diff
+            Table 13 calibrates with Euler / PNDM and evaluates under other samplers.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class CaptionsFile:
         batch_size: int | None = 4,
         seed: int | None = 24432,
         name: str = "captions",
+        scheduler: str | None = None,
     ):
         if format not in FORMATS:
             raise ConfigError("calib.format", f"unknown captions format {format!r}.", FORMATS)
@@ -71,6 +75,9 @@ class CaptionsFile:
         self.batch_size = batch_size
         self.seed = seed
         self.name = name
+        # calibration-only sampler (diffusers class name; None = the loaded pipeline's), checked
+        # with the method's calibration settings (edm.methods.weight.calibrate)
+        self.scheduler = scheduler
 
     def check(self) -> None:
         """Pre-flight: the captions file must exist locally (we never download)."""

@@ -127,6 +127,17 @@ class PruningMethod(WeightMethod):
         )
         self._weights_cache: dict[int, torch.Tensor] = {}
 
+    def check(self, family: str) -> None:
+        super().check(family)
+        sched = self.calibration.get("scheduler")
+        if sched is not None:  # an epsilon sampler on a flow model runs and returns noise
+            from edm.families import ARCH, SCHEDULERS
+
+            allowed = SCHEDULERS.get(ARCH[family], ())
+            if sched not in allowed:
+                raise ConfigError("method.calibration.scheduler",
+                                  f"family {family!r} cannot sample with {sched!r}.", allowed)
+
     # ---- override points -------------------------------------------------------------------
     def make_stat(self, name: str, module: nn.Module):
         """Calibration statistic of one layer (default: the timestep-weighted Hessian)."""

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from edm.errors import ConfigError
@@ -45,12 +46,19 @@ class CalibSettings:
     width: int = 512
     batch_size: int = 4
     seed: int = 24432
+    # Model-card pipeline arguments of the run (``gen.call_kwargs``, e.g. FLUX.1-schnell's
+    # ``max_sequence_length`` 256): calibration trajectories see the text length generation sees.
+    call_kwargs: dict[str, Any] | None = None
+    # Sampler of the calibration trajectories (a diffusers scheduler class name), swapped in for
+    # the calibration pass only; None = the loaded pipeline's. OBS-Diff's robustness tables
+    # (13) calibrate with one sampler and evaluate under others.
+    scheduler: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-SETTING_KEYS = tuple(f.name for f in fields(CalibSettings))
+SETTING_KEYS = tuple(f.name for f in fields(CalibSettings) if f.name != "call_kwargs")
 
 
 def check_setting_overrides(overrides: dict | None, key: str = "method.calibration") -> dict:
@@ -60,9 +68,23 @@ def check_setting_overrides(overrides: dict | None, key: str = "method.calibrati
     if bad:
         raise ConfigError(key, f"unknown calibration settings {bad}.", SETTING_KEYS)
     for k, v in overrides.items():
+        if k == "scheduler":
+            if v is not None:
+                _scheduler_class(v, f"{key}.scheduler")
+            continue
         if v is not None and k != "guidance_scale" and int(v) < (0 if k == "seed" else 1):
             raise ConfigError(f"{key}.{k}", f"must be a positive integer, got {v}.")
     return {k: v for k, v in overrides.items() if v is not None}
+
+
+def _scheduler_class(name: str, key: str):
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not str(name).endswith("Scheduler"):
+        allowed = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
+        raise ConfigError(key, f"unknown scheduler {name!r}.", allowed)
+    return cls
 
 
 def resolve_settings(overrides: dict | None, calib: Any, gen: dict | None) -> CalibSettings:
@@ -76,12 +98,20 @@ def resolve_settings(overrides: dict | None, calib: Any, gen: dict | None) -> Ca
     gen = dict(gen or {})
     values = {}
     for f in fields(CalibSettings):
-        for source in (overrides.get(f.name), getattr(calib, f.name, None), gen.get(f.name)):
+        if f.name == "call_kwargs":  # the pipeline's, not a calibration choice
+            continue
+        run_value = None if f.name == "scheduler" else gen.get(f.name)
+        for source in (overrides.get(f.name), getattr(calib, f.name, None), run_value):
             if source is not None:
                 values[f.name] = source
                 break
-    values = {k: (float(v) if k == "guidance_scale" else int(v)) for k, v in values.items()}
-    return CalibSettings(**values)
+    values = {k: (v if k == "scheduler" else float(v) if k == "guidance_scale" else int(v))
+              for k, v in values.items()}
+    call_kwargs = gen.get("call_kwargs")
+    if isinstance(call_kwargs, DictConfig):
+        call_kwargs = OmegaConf.to_container(call_kwargs, resolve=True)
+    call_kwargs = dict(call_kwargs or {}) or None
+    return CalibSettings(**values, call_kwargs=call_kwargs)
 
 
 def split_packages(units: Sequence[Unit], num_groups: int) -> list[list[Unit]]:
@@ -169,6 +199,12 @@ def collect_stats(
 
     # Calibration runs many short trajectories: silence the pipeline's progress bar meanwhile.
     bar_config = getattr(pipe, "_progress_bar_config", None)
+    run_scheduler = getattr(pipe, "scheduler", None)
+    if settings.scheduler is not None and run_scheduler is not None:
+        # from_config keeps the model's betas / shift / prediction type; restored below
+        pipe.scheduler = _scheduler_class(settings.scheduler, "method.calibration.scheduler") \
+            .from_config(run_scheduler.config)
+        tracker.scheduler = pipe.scheduler
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     try:
@@ -188,8 +224,11 @@ def collect_stats(
                 width=settings.width,
                 generator=generators,
                 output_type="pt",
+                **(settings.call_kwargs or {}),
             )
     finally:
+        if run_scheduler is not None:
+            pipe.scheduler = run_scheduler
         for h in handles:
             h.remove()
         tracker.remove()
