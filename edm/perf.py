@@ -82,8 +82,11 @@ def flops_per_step(pipe, item, gen: dict, guidance: str = "cfg") -> dict[str, fl
     # ``guidance`` is the model's ``limits.guidance``: a distilled model (FLUX.1-dev) takes the
     # scale as an embedding input and runs one sample per call.
     cfg_batch = 2 if guidance == "cfg" and float(gen["guidance_scale"]) > 1.0 else 1
+    # per image: the whole trajectory of one sample, so fewer steps and caches (cheap steps)
+    # compare on one number
     return {"gflops_per_step": avg / 1e9, "tflops_per_forward": avg / cfg_batch / 1e12,
-            "denoiser_calls": float(len(per_call))}
+            "denoiser_calls": float(len(per_call)),
+            "tflops_per_image": sum(per_call) / cfg_batch / 1e12}
 
 
 def cuda_clock() -> float:

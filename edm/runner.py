@@ -1,4 +1,5 @@
-"""``run(cfg)``: plan (checks) -> load -> apply method -> generate -> measure -> evaluate -> log.
+"""``run(cfg)``: plan (checks) -> load -> dense references (``eval=paired`` only) -> apply method
+-> generate -> measure -> evaluate -> log.
 
 Everything that can fail because of a config value or a missing file is checked in
 :func:`plan_run`, before the pipeline is loaded, so a bad sweep point fails in seconds. Each later
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from edm import perf
 from edm.data.images import MISSING, ImageSet, PromptItem
 from edm.data.prompts import assign_seeds, shard
+from edm.errors import ConfigError
 from edm.eval.weights import preflight
 from edm.generate import generate, time_batches
 from edm.io import write_json, write_text
@@ -81,6 +83,7 @@ class Plan:
     gen: dict
     logger: Any
     requested_sparsity: float | None
+    references: tuple[Path, dict] | None = None  # dense references of paired evaluators
 
     @property
     def images_dir(self) -> Path:
@@ -97,6 +100,8 @@ def plan_run(cfg: DictConfig) -> Plan:
     method.check(cfg.model.family)
     loader = instantiate(cfg.model.loader)
     loader.check()
+    if getattr(method, "needs_train_data", False) and hasattr(loader, "check_train_data"):
+        loader.check_train_data()  # e.g. CIFAR-10 for Diff-Pruning on model=ddpm_cifar10
     data = instantiate(cfg.data)
     data.check()
     calib = instantiate(cfg.calib) if cfg.calib.get("_target_") else None
@@ -105,6 +110,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         calib.check()
     evaluators, skipped = build_evaluators(cfg)
     all_items = assign_seeds(data.load(), int(cfg.seed))
+    references = plan_references(cfg, evaluators, all_items, device)
     requested = requested_sparsity(cfg)
     if requested is None and sparsity_was_set(cfg):
         log.warning("<sparsity=%s> is not used by method=%s (a runtime method: its ratio is a "
@@ -117,8 +123,47 @@ def plan_run(cfg: DictConfig) -> Plan:
         items=shard(all_items, int(cfg.gen.shard), int(cfg.gen.num_shards)),
         gen=OmegaConf.to_container(cfg.gen, resolve=True),
         logger=instantiate(cfg.logger) if cfg.logger.get("_target_") else None,
-        requested_sparsity=requested,
+        requested_sparsity=requested, references=references,
     )
+
+
+def plan_references(cfg: DictConfig, evaluators: dict, items: list[PromptItem],
+                    device: torch.device) -> tuple[Path, dict] | None:
+    """Where the dense references of paired evaluators are (``edm.eval.dense_ref``), checked:
+    a run that cannot make missing ones (generation off, ``make_reference: false``, or a
+    pruned model loaded with ``model.pruned_from``) fails here, before anything loads."""
+    paired = [(n, e) for n, e in evaluators.items() if getattr(e, "needs_dense_reference", False)]
+    if not paired:
+        return None
+    from edm.eval.dense_ref import reference_dir
+
+    name, ev = paired[0]
+    folder, spec = reference_dir(cfg, items, device, ev.root)
+    for _, e in paired:
+        e.reference_dir = folder
+    can_make = cfg.gen.enabled and ev.make_reference and not cfg.model.get("pruned_from")
+    if not can_make:
+        missing = ImageSet(folder, items, size=(cfg.gen.width, cfg.gen.height)).missing()
+        if missing:
+            why = ("gen.enabled=false" if not cfg.gen.enabled else
+                   "model.pruned_from loads a pruned model" if cfg.model.get("pruned_from") else
+                   f"eval.{name}.make_reference=false")
+            raise ConfigError(f"eval.{name}.make_reference", f"{len(missing)} of {len(items)} "
+                              f"dense reference images are missing in {folder} and this run "
+                              f"cannot make them ({why}); run the same model, data and gen "
+                              "settings once with generation on and no pruned_from.", [True])
+    return folder, spec
+
+
+def make_references(plan: Plan, pipe) -> dict[str, float]:
+    """Step 2b: this shard's missing dense references, from the still-dense pipeline."""
+    if plan.references is None or not plan.evaluators:
+        return {}
+    from edm.eval.dense_ref import make_references as make
+
+    folder, spec = plan.references
+    made = make(pipe, plan.items, plan.gen, folder, spec, plan.device)
+    return {"perf/dense_refs_generated": float(made)}
 
 
 def load_pipeline(plan: Plan):
@@ -153,6 +198,21 @@ def apply_method(plan: Plan, pipe) -> tuple[MethodReport, dict[str, float]]:
     return report, metrics
 
 
+def compile_denoiser(plan: Plan, pipe) -> dict[str, float]:
+    """Step 3b (``compile.enabled``): ``torch.compile`` the denoiser in place, after the method,
+    so a method's hooks and processors are compiled with it. ``nn.Module.compile`` keeps the
+    module object (the pipeline, hooks and the method's ``remove`` still see it); compilation
+    happens on the first call, i.e. in the untimed warm-up batch."""
+    c = plan.cfg.get("compile")
+    if not c or not c.enabled:
+        return {}
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    log.info("Compiling the denoiser <compile.mode=%s fullgraph=%s>", c.mode, c.fullgraph)
+    denoiser.compile(mode=None if c.mode == "default" else c.mode, fullgraph=bool(c.fullgraph),
+                     dynamic=c.dynamic)
+    return {"perf/compiled": 1.0}
+
+
 def generate_images(plan: Plan, pipe) -> dict[str, float]:
     """Step 4: this shard's images (resumable; damaged files repaired) and their latency."""
     gen = plan.gen
@@ -177,8 +237,10 @@ def measure(plan: Plan, pipe) -> dict[str, float]:
     metrics = {f"method/{k}": float(v) for k, v in plan.method.run_metrics().items()}
     metrics.update({f"perf/{k}": v for k, v in perf.peak_memory_gb(plan.device).items()})
     if plan.cfg.perf.flops and plan.items:
-        flops = perf.flops_per_step(pipe, plan.items[0], plan.gen,
-                                    guidance=plan.cfg.model.limits.guidance)
+        # a compiled denoiser runs inductor kernels the flop counter cannot see: count in eager
+        with torch.compiler.set_stance("force_eager"):
+            flops = perf.flops_per_step(pipe, plan.items[0], plan.gen,
+                                        guidance=plan.cfg.model.limits.guidance)
         metrics.update({f"perf/{k}": v for k, v in flops.items()})
     return metrics
 
@@ -287,8 +349,10 @@ def run(cfg: DictConfig) -> float:
         if plan.gen["enabled"]:
             pipe = load_pipeline(plan)
             protocol = generation_protocol(cfg, pipe)
+            metrics.update(make_references(plan, pipe))
             report, applied = apply_method(plan, pipe)
             metrics.update(applied)
+            metrics.update(compile_denoiser(plan, pipe))
             metrics.update(generate_images(plan, pipe))
             metrics.update(measure(plan, pipe))
         else:

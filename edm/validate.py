@@ -69,7 +69,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("threads", f"must be a positive integer or null, got {cfg.threads!r}.")
     resolve_dtype(cfg.model.dtype, torch.device("cuda"))
     resolve_device(cfg.device)
+    if cfg.model.loader.get("device") == "meta":  # FullSizePipeline: counting only
+        raise ConfigError("model.loader.device", "a meta-device pipeline has no values, so it "
+                          "cannot generate (schedulers read them); count parameters and FLOPs "
+                          "with edm.eval.flops.meta_pipe / meta_step_flops instead.",
+                          [None, "cpu", "cuda"])
     validate_model_limits(cfg)
+    validate_compile(cfg)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def validate_compile(cfg: DictConfig) -> None:
+    c = cfg.get("compile")
+    if not c or not c.get("enabled"):
+        return
+    if c.get("mode") not in COMPILE_MODES:
+        raise ConfigError("compile.mode", f"unknown mode {c.get('mode')!r}.", COMPILE_MODES)
+    if c.get("dynamic") not in (None, True, False):
+        raise ConfigError("compile.dynamic", f"must be null, true or false, got "
+                          f"{c.get('dynamic')!r}.", [None, True, False])
 
 
 GUIDANCE = ("cfg", "distilled", "none")
@@ -101,14 +121,15 @@ def validate_model_limits(cfg: DictConfig) -> None:
     if mode not in GUIDANCE:
         raise ConfigError("model.limits.guidance", f"unknown guidance mode {mode!r}.", GUIDANCE)
     if mode == "none" and cfg.gen.guidance_scale not in (0, 0.0):
-        raise ConfigError("gen.guidance_scale", f"model={name} is guidance-distilled and takes "
-                          f"no guidance; got {cfg.gen.guidance_scale}.", [0])
+        raise ConfigError("gen.guidance_scale", f"model={name} takes no guidance (it is "
+                          f"guidance-distilled or unconditional); got {cfg.gen.guidance_scale}.",
+                          [0])
     if mode != "cfg" and cfg.gen.get("negative_prompt"):
         raise ConfigError("gen.negative_prompt", f"model={name} runs without classifier-free "
                           "guidance, so a negative prompt would be ignored.", [None])
-    sched = cfg.model.loader.get("scheduler")
-    if sched is not None:
-        allowed = SCHEDULERS.get(ARCH[cfg.model.family], ())
-        if sched not in allowed:
-            raise ConfigError("model.loader.scheduler", f"family {cfg.model.family!r} cannot "
-                              f"sample with {sched!r}.", allowed)
+    allowed = SCHEDULERS.get(ARCH[cfg.model.family], ())
+    for key, sched in (("model.loader.scheduler", cfg.model.loader.get("scheduler")),
+                       ("calib.scheduler", cfg.calib.get("scheduler"))):
+        if sched is not None and sched not in allowed:
+            raise ConfigError(key, f"family {cfg.model.family!r} cannot sample with {sched!r}.",
+                              allowed)

@@ -128,3 +128,22 @@ def test_real_conf_composes(token):
     method = build_method(cfg)
     assert isinstance(method, Sequential) and method.name == f"obs_diff+{cfg.then.name}"
     assert "+" in cfg.run_name
+
+
+@pytest.mark.parametrize("cache", ["deepcache", "taylorseer_cache", "pab"])
+def test_then_a_cache_composes_and_runs(cache, compose_cfg):
+    """then=<cache>: a weight method, then a cache, end to end on the digits model; the run
+    name carries both tags."""
+    import json
+
+    from edm.runner import run
+
+    cfg = compose_cfg("method=magnitude", f"then={cache}", "logger=none", "data.num_prompts=4",
+                      "eval=none", "threads=1")
+    method = build_method(cfg)
+    assert isinstance(method, Sequential) and method.name == f"magnitude+{cfg.then.name}"
+    assert f"+{cfg.then.tag}" in cfg.run_name
+    run(cfg)
+    rec = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert rec["metrics"]["perf/images_generated"] == 4
+    assert 0.45 < rec["metrics"]["method/sparsity"] < 0.55

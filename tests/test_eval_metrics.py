@@ -252,8 +252,9 @@ def test_preflight_skips_only_missing_weights_when_asked():
         ("clip_score", {"clip_score"}),
         ("image_reward", {"image_reward"}),
         ("none", set()),
-        ("paper_obsdiff", {"fid", "clip_score", "image_reward"}),
-        ("paper_atedm", {"fid", "clip_score"}),
+        ("paired", {"paired"}),
+        ("paper_obsdiff", {"fid", "clip_score", "image_reward", "paired"}),
+        ("paper_atedm", {"fid", "clip_score", "paired"}),
         ("default_coco", {"fid", "clip_score", "image_reward"}),
     ],
 )
