@@ -83,7 +83,7 @@ class Plan:
     gen: dict
     logger: Any
     requested_sparsity: float | None
-    references: tuple[Path, dict] | None = None  # dense references of paired evaluators
+    references: tuple[Path, dict, dict] | None = None  # paired: folder, key spec, dense gen
 
     @property
     def images_dir(self) -> Path:
@@ -110,7 +110,7 @@ def plan_run(cfg: DictConfig) -> Plan:
         calib.check()
     evaluators, skipped = build_evaluators(cfg)
     all_items = assign_seeds(data.load(), int(cfg.seed))
-    references = plan_references(cfg, evaluators, all_items, device)
+    references = plan_references(cfg, evaluators, all_items, device, method)
     requested = requested_sparsity(cfg)
     if requested is None and sparsity_was_set(cfg):
         log.warning("<sparsity=%s> is not used by method=%s (a runtime method: its ratio is a "
@@ -128,7 +128,7 @@ def plan_run(cfg: DictConfig) -> Plan:
 
 
 def plan_references(cfg: DictConfig, evaluators: dict, items: list[PromptItem],
-                    device: torch.device) -> tuple[Path, dict] | None:
+                    device: torch.device, method: Method) -> tuple[Path, dict, dict] | None:
     """Where the dense references of paired evaluators are (``edm.eval.dense_ref``), checked:
     a run that cannot make missing ones (generation off, ``make_reference: false``, or a
     pruned model loaded with ``model.pruned_from``) fails here, before anything loads."""
@@ -138,12 +138,13 @@ def plan_references(cfg: DictConfig, evaluators: dict, items: list[PromptItem],
     from edm.eval.dense_ref import reference_dir
 
     name, ev = paired[0]
-    folder, spec = reference_dir(cfg, items, device, ev.root)
+    gen = method.reference_gen(OmegaConf.to_container(cfg.gen, resolve=True))
+    folder, spec = reference_dir(cfg, items, device, ev.root, gen)
     for _, e in paired:
         e.reference_dir = folder
     can_make = cfg.gen.enabled and ev.make_reference and not cfg.model.get("pruned_from")
     if not can_make:
-        missing = ImageSet(folder, items, size=(cfg.gen.width, cfg.gen.height)).missing()
+        missing = ImageSet(folder, items, size=(gen["width"], gen["height"])).missing()
         if missing:
             why = ("gen.enabled=false" if not cfg.gen.enabled else
                    "model.pruned_from loads a pruned model" if cfg.model.get("pruned_from") else
@@ -152,7 +153,7 @@ def plan_references(cfg: DictConfig, evaluators: dict, items: list[PromptItem],
                               f"dense reference images are missing in {folder} and this run "
                               f"cannot make them ({why}); run the same model, data and gen "
                               "settings once with generation on and no pruned_from.", [True])
-    return folder, spec
+    return folder, spec, gen
 
 
 def make_references(plan: Plan, pipe) -> dict[str, float]:
@@ -161,8 +162,8 @@ def make_references(plan: Plan, pipe) -> dict[str, float]:
         return {}
     from edm.eval.dense_ref import make_references as make
 
-    folder, spec = plan.references
-    made = make(pipe, plan.items, plan.gen, folder, spec, plan.device)
+    folder, spec, gen = plan.references
+    made = make(pipe, plan.items, gen, folder, spec, plan.device)
     return {"perf/dense_refs_generated": float(made)}
 
 

@@ -130,3 +130,20 @@ def test_bad_metric_names_are_config_errors():
         PairedFidelity(metrics=["fid"])
     with pytest.raises(ConfigError, match="<eval.paired.lpips_net>"):
         PairedFidelity(lpips_net="resnet")
+
+
+def test_fewer_steps_is_compared_with_the_dense_models_own_steps(compose_cfg, tmp_path):
+    """method=fewer_steps changes gen.num_inference_steps; its dense reference is still the
+    model's own protocol (Method.reference_gen), not a dense run at the reduced steps."""
+    metrics = "eval.paired.metrics=[psnr,ssim]"
+    dense = _cfg(compose_cfg, tmp_path, "dense", metrics)
+    run(dense)
+    few = _cfg(compose_cfg, tmp_path, "few", metrics, "method=fewer_steps",
+               "method.num_inference_steps=5")
+    assert few.gen.num_inference_steps == 5 != dense.gen.num_inference_steps
+    run(few)
+    d, f = _metrics(dense), _metrics(few)
+    assert f["metrics"]["perf/dense_refs_generated"] == 0
+    assert f["run"]["eval_meta"]["paired"]["reference_dir"] == \
+        d["run"]["eval_meta"]["paired"]["reference_dir"]
+    assert math.isfinite(f["metrics"]["eval/psnr"]) and f["metrics"]["eval/ssim"] < 1

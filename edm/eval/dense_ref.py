@@ -39,13 +39,15 @@ _GEN_KEYS = ("num_inference_steps", "guidance_scale", "height", "width", "negati
              "call_kwargs", "batch_size")
 
 
-def reference_spec(cfg: DictConfig, items: list[PromptItem], device: torch.device) -> dict:
-    """Everything that decides the dense images' pixels, as a JSON-able dict."""
+def reference_spec(cfg: DictConfig, items: list[PromptItem], device: torch.device,
+                   gen: dict | None = None) -> dict:
+    """Everything that decides the dense images' pixels, as a JSON-able dict. ``gen``: the
+    dense generation settings (``Method.reference_gen``; default the run's ``cfg.gen``)."""
     import diffusers
 
     items_hash = hashlib.sha256(
         "".join(f"{it.index}\t{it.seed}\t{it.prompt}\n" for it in items).encode()).hexdigest()
-    gen = OmegaConf.to_container(cfg.gen, resolve=True)
+    gen = gen if gen is not None else OmegaConf.to_container(cfg.gen, resolve=True)
     return {
         "model": cfg.model.name,
         "loader": OmegaConf.to_container(cfg.model.loader, resolve=True),  # not pruned_from
@@ -65,8 +67,8 @@ def reference_key(spec: dict) -> str:
 
 
 def reference_dir(cfg: DictConfig, items: list[PromptItem], device: torch.device,
-                  root: str | Path) -> tuple[Path, dict]:
-    spec = reference_spec(cfg, items, device)
+                  root: str | Path, gen: dict | None = None) -> tuple[Path, dict]:
+    spec = reference_spec(cfg, items, device, gen)
     return Path(root) / reference_key(spec), spec
 
 

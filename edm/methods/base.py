@@ -101,6 +101,12 @@ class Method(abc.ABC):
     def remove(self, pipe) -> None:  # noqa: B027 - optional for weight methods
         """Undo ``apply``. Runtime methods always can; weight methods raise unless they kept a backup."""
 
+    def reference_gen(self, gen: dict) -> dict:
+        """Generation settings of the dense images this method is compared with
+        (``eval=paired``): the run's own, unless the method changes the protocol itself
+        (``fewer_steps``), which then restores the dense model's."""
+        return gen
+
     def run_metrics(self) -> dict[str, float]:
         """What the method measured while the pipeline ran (logged as ``method/<key>``).
 
@@ -282,6 +288,11 @@ class Sequential(Method):
     def remove(self, pipe) -> None:
         for m in reversed(self.methods):
             m.remove(pipe)
+
+    def reference_gen(self, gen: dict) -> dict:
+        for m in self.methods:
+            gen = m.reference_gen(gen)
+        return gen
 
     def run_metrics(self) -> dict[str, float]:
         return {f"{m.name}/{k}": v for m in self.methods for k, v in m.run_metrics().items()}

@@ -49,6 +49,10 @@ class FewerSteps(Method):
         self.num_inference_steps, self.dense_steps = n, dense_steps
         self.name, self.tag = name, tag or f"steps{n}"
 
+    def reference_gen(self, gen: dict) -> dict:
+        # paired fidelity compares with the dense model at its own steps, not at ours
+        return {**gen, "num_inference_steps": int(self.dense_steps)} if self.dense_steps else gen
+
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
         self.check(ctx.family)
         got = ctx.gen.get("num_inference_steps")
