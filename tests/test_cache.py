@@ -139,7 +139,8 @@ def test_deepcache_new_trajectories_and_batch_changes(pipes):
 
 def _reference_helper():
     if not HELPER.exists():
-        pytest.skip(f"DeepCache's DeepCacheSDHelper not found at {HELPER}")
+        pytest.skip(f"DeepCache's DeepCacheSDHelper not found at {HELPER}; run "
+                    "bash experiments/deepcache_parity/run_parity.sh (its own venv)")
     spec = importlib.util.spec_from_file_location("deepcache_helper", HELPER)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
