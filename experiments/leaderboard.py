@@ -88,12 +88,15 @@ def render(model: str, entries: list[dict], latency: dict | None, command: str,
     unit, scale = flops_unit(entries)
     lat_note = ("alternated with dense, thread CPU time" if latency else
                 "from the sweep: one run each, noisy")
+    compiled = any(e.get("speedup_compiled") for e in entries)
     head = (["row", "family"] + [c[1] for c in quality] + [c[1] for c in fidelity]
-            + [f"{unit}/image", "FLOPs × dense", "s/image", "speed-up", "non-zero params (M)"]
+            + [f"{unit}/image", "FLOPs × dense", "s/image", "speed-up"]
+            + (["vs compiled"] if compiled else []) + ["non-zero params (M)"]
             + (["peak mem (GB)"] if cuda else []) + ["prepare (s)", "Pareto"])
     lines = [f"# Leaderboard: `model={model}`", "",
              f"Every method family at several budgets, one run per row: `{command}`. "
-             f"Latency: {lat_note}. **bold** = best quality column; *Pareto*: no other row has "
+             f"Latency: {lat_note}; *speed-up* is against the eager dense model, *vs compiled* "
+             f"against the compiled dense one (`compile.enabled=true`). **bold** = best quality column; *Pareto*: no other row has "
              f"a better {pname} at lower or equal cost (F: FLOPs per image, L: latency).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {}
@@ -111,7 +114,10 @@ def render(model: str, entries: list[dict], latency: dict | None, command: str,
             cells.append(f"**{s}**" if v is not None and best.get(key) == v else s)
         cells += [_f(e["flops"] * scale if e["flops"] is not None else None, "{:.3f}"),
                   _f(e["flops_ratio"], "{:.3f}"), _f(e["latency"], "{:.4f}"),
-                  _f(e["speedup"], "{:.2f}×"), _f(e["params_m"], "{:.3f}")]
+                  _f(e["speedup"], "{:.2f}×")]
+        if compiled:
+            cells.append(_f(e.get("speedup_compiled"), "{:.2f}×"))
+        cells.append(_f(e["params_m"], "{:.3f}"))
         if cuda:
             cells.append(_f(e["peak_mem_gb"], "{:.2f}"))
         prep = _f(e["prepare_s"], "{:.1f}")

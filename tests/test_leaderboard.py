@@ -84,6 +84,10 @@ def test_latency_file_replaces_the_sweep_timing(rows):
     assert e["steps_3"]["latency_source"] == "sweep"
     md = lb.render("digits", list(e.values()), latency, "python run.py experiment=leaderboard_digits")
     assert "(+30 compile)" in md
+    # against the compiled dense model: the ratio of the two alternated speed-ups
+    assert e["tome_0"]["speedup_compiled"] == pytest.approx(1.25 / 1.6)
+    assert e["compiled"]["speedup_compiled"] == pytest.approx(1.0)
+    assert "| vs compiled |" in md and "0.78×" in md
 
 
 def test_equal_cost_groups_span_families(rows):
