@@ -147,3 +147,9 @@ def test_then_a_cache_composes_and_runs(cache, compose_cfg):
     rec = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert rec["metrics"]["perf/images_generated"] == 4
     assert 0.45 < rec["metrics"]["method/sparsity"] < 0.55
+
+
+def test_two_caches_are_refused(compose_cfg):
+    cfg = compose_cfg("method=deepcache", "then=pab")
+    with pytest.raises(ConfigError, match="<then> two feature caches"):
+        build_method(cfg)

@@ -84,6 +84,9 @@ class Method(abc.ABC):
     """Base class. Subclasses set ``kind`` and ``supported_families`` and implement ``apply``."""
 
     kind: ClassVar[str] = "none"
+    # A feature cache (DeepCache, diffusers' cache hooks): reuses features across steps, so two
+    # of them in one run would replay each other's stale outputs (edm.methods.compose refuses).
+    is_cache: ClassVar[bool] = False
     supported_families: ClassVar[tuple[str, ...]] = METHOD_FAMILIES
     name: str = "method"
 

@@ -80,6 +80,11 @@ def build_method(cfg) -> Method:
                 f"weight method {nxt.name!r} after runtime method {prev.name!r}; put the weight "
                 "method in `method=` and the token method in `then=`.",
             )
+    caches = [m.name for m in methods if m.is_cache]
+    if len(caches) > 1:
+        raise ConfigError("then", f"two feature caches ({', '.join(caches)}): each would replay "
+                          "the other's stale features; compose a cache with weight or token "
+                          "methods, not with another cache.")
     name = "+".join(m.name for m in methods)
     log.info("Composing methods <method=%s>", name)
     return Sequential(methods, name=name)

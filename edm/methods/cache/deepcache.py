@@ -140,6 +140,8 @@ class DeepCache(RuntimeMethod):
     step each count.
     """
 
+    is_cache = True
+
     supported_families = ("digits", "sd15", "sd21", "sdxl")
 
     def __init__(self, cache_interval: int = 3, cache_block_id: int = 0, cache_layer_id: int = 0,

@@ -78,6 +78,8 @@ class DiffusersCache(RuntimeMethod):
     :meth:`build_config`; :meth:`apply_to` defaults to ``apply_fn``.
     """
 
+    is_cache = True
+
     why_unsupported: ClassVar[dict[str, str]] = {}
     apply_fn: ClassVar[str] = ""  # name of the diffusers.hooks function for non-CacheMixin models
 
