@@ -119,3 +119,21 @@ def hf_cache(tmp_path, monkeypatch):
         return p
 
     return put
+
+
+@pytest.fixture
+def forbid_model_loading(monkeypatch):
+    """Any model loader's ``load()`` fails the test: for bad configs that must be rejected
+    before a model loads (every loader is built by the runner's ``instantiate``)."""
+    import edm.runner as R
+
+    real = R.instantiate
+
+    def guarded(node, *a, **k):  # any model loader's load() would be a failure here
+        obj = real(node, *a, **k)
+        if type(obj).__name__.endswith(("Loader", "Pipeline")):
+            obj.load = lambda *a, **k: pytest.fail("model loaded despite a bad config")
+        return obj
+
+    monkeypatch.setattr(R, "instantiate", guarded)
+

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FixedHessian
 
 from edm.errors import ConfigError, UnsupportedFamily
 from edm.methods.base import ApplyContext
@@ -245,19 +246,6 @@ def test_obs_on_proj_out_beats_l1_and_no_compensate():
         assert errors["obs"][n] < errors["l1"][n], n
 
 
-class _Hessian:
-    """A calibration statistic holding a given Hessian (``.H``, ``nbytes``, ``free``)."""
-
-    def __init__(self, H):
-        self.H = H
-
-    def nbytes(self):
-        return self.H.numel() * self.H.element_size() if self.H is not None else 0
-
-    def free(self):
-        self.H = None
-
-
 def test_obs_method_prunes_both_targets_of_a_shared_proj_out():
     """The package loop gives proj_out's Hessian to the heads and then the MLP target (it is
     freed only after both), and the report counts proj_out once."""
@@ -267,7 +255,7 @@ def test_obs_method_prunes_both_targets_of_a_shared_proj_out():
     class HookCalibrated(OBSDiffStructured):
         def calibrate(self, pipe, layers, items, settings):
             H = hook_hessians(model, call, layers)
-            return Calibration(stats={n: _Hessian(h) for n, h in H.items()})
+            return Calibration(stats={n: FixedHessian(h) for n, h in H.items()})
 
     method = HookCalibrated(0.5, num_groups=2, calibration={"num_prompts": 1})
     pipe = types.SimpleNamespace(transformer=model, edm_family="flux")

@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from helpers import FixedHessian
 
 from edm.errors import ConfigError, NothingPatchedError
 from edm.methods.base import ApplyContext
@@ -270,19 +271,6 @@ def test_mmdit_targets_and_units():
     assert not any(t.group == "context" for t in no_ctx)
 
 
-class _Hessian:
-    """A calibration statistic holding a given Hessian (``.H``, ``nbytes``, ``free``)."""
-
-    def __init__(self, H):
-        self.H = H
-
-    def nbytes(self):
-        return self.H.numel() * self.H.element_size() if self.H is not None else 0
-
-    def free(self):
-        self.H = None
-
-
 def test_prune_structured_packages_and_report():
     model = tiny_mmdit()
     call = mmdit_call(model)
@@ -293,7 +281,7 @@ def test_prune_structured_packages_and_report():
         def calibrate(self, pipe, layers, items, settings):
             calls.append([n for n, _ in layers])
             H = hook_hessians(model, call, layers)
-            return Calibration(stats={n: _Hessian(h) for n, h in H.items()})
+            return Calibration(stats={n: FixedHessian(h) for n, h in H.items()})
 
     method = HookCalibrated(0.5, exclude_first_last=False, num_groups=3,
                             calibration={"num_prompts": 1})

@@ -141,8 +141,9 @@ _SCHEDULERS = {
 }
 
 
-def scheduler_class(name: str | None):
-    """Validate a scheduler override (a diffusers class name, e.g. ``EulerDiscreteScheduler``)."""
+def scheduler_class(name: str | None, key: str = "model.loader.scheduler"):
+    """Validate a scheduler override (a diffusers class name, e.g. ``EulerDiscreteScheduler``);
+    ``key`` is the config key an error names."""
     if name is None:
         return None
     import diffusers
@@ -150,7 +151,7 @@ def scheduler_class(name: str | None):
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         allowed = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
-        raise ConfigError("model.loader.scheduler", f"unknown scheduler {name!r}.", allowed)
+        raise ConfigError(key, f"unknown scheduler {name!r}.", allowed)
     return cls
 
 

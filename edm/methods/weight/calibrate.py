@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from edm.errors import ConfigError
+from edm.models.components import scheduler_class
 from edm.state import StepTracker
 
 log = logging.getLogger(__name__)
@@ -70,21 +71,11 @@ def check_setting_overrides(overrides: dict | None, key: str = "method.calibrati
     for k, v in overrides.items():
         if k == "scheduler":
             if v is not None:
-                _scheduler_class(v, f"{key}.scheduler")
+                scheduler_class(v, f"{key}.scheduler")
             continue
         if v is not None and k != "guidance_scale" and int(v) < (0 if k == "seed" else 1):
             raise ConfigError(f"{key}.{k}", f"must be a positive integer, got {v}.")
     return {k: v for k, v in overrides.items() if v is not None}
-
-
-def _scheduler_class(name: str, key: str):
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if cls is None or not str(name).endswith("Scheduler"):
-        allowed = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
-        raise ConfigError(key, f"unknown scheduler {name!r}.", allowed)
-    return cls
 
 
 def resolve_settings(overrides: dict | None, calib: Any, gen: dict | None) -> CalibSettings:
@@ -202,7 +193,7 @@ def collect_stats(
     run_scheduler = getattr(pipe, "scheduler", None)
     if settings.scheduler is not None and run_scheduler is not None:
         # from_config keeps the model's betas / shift / prediction type; restored below
-        pipe.scheduler = _scheduler_class(settings.scheduler, "method.calibration.scheduler") \
+        pipe.scheduler = scheduler_class(settings.scheduler, "method.calibration.scheduler") \
             .from_config(run_scheduler.config)
         tracker.scheduler = pipe.scheduler
     if hasattr(pipe, "set_progress_bar_config"):
