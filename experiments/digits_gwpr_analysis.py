@@ -15,6 +15,10 @@ with) and the layer's output. Per layer it reports
 * ``step corr``: Spearman correlation of G-WPR scores between consecutive steps.
 
     python experiments/digits_gwpr_analysis.py --prompts 20 --prune-ratio 0.5
+    python experiments/digits_gwpr_analysis.py --model layouts --checkpoint DIR --prompts 8
+
+``--model layouts`` runs the same statistics on a checkpoint of the layouts model (issue 14:
+32x32 canvas, 1-4 digits at named positions); its maps are 16x larger, so use fewer prompts.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--prune-ratio", type=float, default=0.5)
     ap.add_argument("--random-draws", type=int, default=8)
-    ap.add_argument("--checkpoint", default=None, help="digits checkpoint folder (default: shipped)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: shipped digits)")
+    ap.add_argument("--model", default="digits", choices=["digits", "layouts"], help="prompt set")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -70,7 +75,13 @@ def main(argv=None) -> None:
 
     pipe = DigitsLoader(args.checkpoint).load()
     unet = pipe.unet
-    items = assign_seeds(DigitPrompts(num_prompts=args.prompts).load(), 0)
+    if args.model == "layouts":
+        from edm.data.layouts import LayoutPrompts
+
+        items = assign_seeds(LayoutPrompts(num_prompts=args.prompts).load(), 0)
+    else:
+        items = assign_seeds(DigitPrompts(num_prompts=args.prompts).load(), 0)
+    height, width = pipe.sample_size
     step = {"i": -1}
     maps, outs = {}, {}  # (layer, step) -> cond-half map / output
     hooks = [unet.register_forward_pre_hook(lambda m, a: step.__setitem__("i", step["i"] + 1))]
@@ -88,11 +99,11 @@ def main(argv=None) -> None:
         hooks.append(layer.register_forward_hook(post))
     with torch.no_grad():
         images = pipe(prompt=[it.prompt for it in items], num_inference_steps=25, guidance_scale=1.5,
-                      height=16, width=16, output_type="pt",
+                      height=height, width=width, output_type="pt",
                       generator=[torch.Generator().manual_seed(it.seed) for it in items]).images
     for h in hooks:
         h.remove()
-    ink_full = images.mean(1, keepdim=True)  # [B, 1, 16, 16] in [0, 1]; ink is bright
+    ink_full = images.mean(1, keepdim=True)  # [B, 1, H, W] in [0, 1]; ink is bright
 
     g = torch.Generator().manual_seed(0)
     rows = defaultdict(lambda: defaultdict(list))
@@ -127,7 +138,7 @@ def main(argv=None) -> None:
             sp = gwpr(maps[name, t - 1])
             r["step_corr"].append(sum(_rankcorr(s[i], sp[i]) for i in range(b)) / b)
 
-    print(f"digits model, {args.prompts} prompts x {steps} steps, prune_ratio {args.prune_ratio}, "
+    print(f"{args.model} model, {args.prompts} prompts x {steps} steps, prune_ratio {args.prune_ratio}, "
           f"random = mean of {args.random_draws} draws\n")
     print("| layer | tokens | entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
           "| source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) | step corr |")

@@ -28,7 +28,7 @@ class DigitClassifier(nn.Module):
     batch composition. Features are the 64 pre-activations of the last hidden layer.
     """
 
-    def __init__(self, width: int = 16, feature_dim: int = FEATURE_DIM):
+    def __init__(self, width: int = 16, feature_dim: int = FEATURE_DIM, num_classes: int = 10):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1),
@@ -40,7 +40,7 @@ class DigitClassifier(nn.Module):
             nn.Flatten(),  # keep the 4x4 layout: where a stroke is matters for digits
             nn.Linear(2 * width * 16, feature_dim),
         )
-        self.head = nn.Linear(feature_dim, 10)
+        self.head = nn.Linear(feature_dim, num_classes)  # 11 for layout cells (10 = empty)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``[B, feature_dim]`` (the digit-FID space), before the ReLU:
@@ -75,6 +75,7 @@ def load_classifier(weights_dir: str | Path | None = None) -> DigitClassifier:
     path = classifier_path(weights_dir)
     meta_path = path.with_name(CLASSIFIER_CONFIG)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    model = DigitClassifier(width=meta.get("width", 16), feature_dim=meta.get("feature_dim", FEATURE_DIM))
+    model = DigitClassifier(width=meta.get("width", 16), feature_dim=meta.get("feature_dim", FEATURE_DIM),
+                            num_classes=meta.get("num_classes", 10))
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)

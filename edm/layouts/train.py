@@ -1,0 +1,126 @@
+"""Train the embedded layouts model (reproducibly) and write its checkpoint.
+
+    python -m edm.layouts.train --out edm/layouts/weights        # the shipped checkpoint
+
+Deterministic like :mod:`edm.digits.train` (one seeded generator for every draw, a fixed thread
+count recorded in ``config.json``, ``torch.use_deterministic_algorithms(True)``): a rerun with
+the same arguments, machine type and library versions writes byte-identical weights.
+
+Recipe: the digits recipe (epsilon DDPM loss on the cosine schedule, AdamW with warm-up and
+cosine decay, EMA of the weights, 10 % empty prompts for classifier-free guidance) on scenes
+rendered on the fly from the train split (:func:`edm.layouts.data.render`, 1-4 digits in
+random cells), with the text encoder trained jointly (its EMA is saved too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edm.digits.components import build_components, save_checkpoint
+from edm.digits.train import lr_at
+from edm.layouts.components import default_config
+from edm.layouts.data import layout_prompt, random_layouts, render
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--preset", default="small", choices=["small", "base"], help="UNet size")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with 1/t warm-up)")
+    p.add_argument("--p-uncond", type=float, default=0.1, help="empty-prompt dropout for CFG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="part of the recipe: results depend on it")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--snapshot-every", type=int, default=0, help="also save EMA every N steps")
+    p.add_argument("--snapshot-dir", type=Path, default=None, help="where snapshots go (step_N/)")
+    return p.parse_args(argv)
+
+
+def batch(bs: int, g: torch.Generator, p_uncond: float) -> tuple[torch.Tensor, list[str]]:
+    """Scenes in [-1, 1] and their prompts ("" with probability ``p_uncond``)."""
+    layouts = random_layouts(bs, g)
+    x0 = render(layouts, g, "train") * 2 - 1
+    drop = torch.rand(bs, generator=g) < p_uncond
+    prompts = ["" if d else layout_prompt(lay.tolist()) for lay, d in zip(layouts, drop)]
+    return x0, prompts
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train and save; returns the config written to ``config.json``."""
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    config = default_config(args.preset)
+    comps = build_components(config, seed=args.seed)
+    unet, enc, tok, sched = comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"]
+    unet.train()
+    enc.train().requires_grad_(True)
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": enc})
+    ema = copy.deepcopy(models).eval().requires_grad_(False)
+    alphas = sched.alphas_cumprod.float()
+    T = sched.config.num_train_timesteps
+
+    g = torch.Generator().manual_seed(args.seed)
+    params = list(models.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, args.steps, args.warmup))
+    log.info("training layouts/%s: %d params, %d steps x %d, %d threads", args.preset,
+             sum(p.numel() for p in params), args.steps, args.batch_size, args.threads)
+    t0, cpu0, running = time.time(), time.process_time(), 0.0
+    for step in range(args.steps):
+        x0, prompts = batch(args.batch_size, g, args.p_uncond)
+        t = torch.randint(T, (args.batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        ids = tok(prompts, padding="max_length", return_tensors="pt").input_ids
+        pred = unet(xt, t, encoder_hidden_states=enc(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched_lr.step()
+
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), params):
+                pe.lerp_(p, 1 - decay)
+        running += loss.item()
+        if (step + 1) % args.log_every == 0:
+            log.info("step %d loss %.4f (%.0fs)", step + 1, running / args.log_every, time.time() - t0)
+            running = 0.0
+        if args.snapshot_every and (step + 1) % args.snapshot_every == 0 and args.snapshot_dir:
+            save_checkpoint(args.snapshot_dir / f"step_{step + 1}", ema["unet"], ema["text_encoder"], config)
+
+    seconds = time.time() - t0
+    config["train"] = {
+        **{k: v for k, v in vars(args).items() if not isinstance(v, Path) and v is not None},
+        "train_seconds": round(seconds, 1),
+        "train_cpu_seconds": round(time.process_time() - cpu0, 1),
+        "torch": torch.__version__,
+    }
+    save_checkpoint(args.out, ema["unet"], ema["text_encoder"], config)
+    log.info("saved %s after %.0fs", args.out, seconds)
+    return config
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
