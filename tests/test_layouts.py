@@ -113,3 +113,32 @@ def test_layout_prompts_are_deterministic_and_balanced():
     assert [it.prompt for it in shifted] == [it.prompt for it in items[4:]]
     for it in items:  # the prompt alone says the layout
         assert layout_of(type(it)(it.index, it.prompt)) == it.meta["layout"]
+
+
+def test_layouts_loader_runs_a_trained_checkpoint_and_names_the_training_command(tmp_path):
+    import pytest
+
+    from edm.errors import MissingWeightsError
+    from edm.layouts import LayoutsLoader
+    from edm.layouts.train import parse_args, train
+
+    with pytest.raises(MissingWeightsError, match="python -m edm.layouts.train"):
+        LayoutsLoader(str(tmp_path / "absent")).check()
+    train(parse_args(["--out", str(tmp_path / "ck"), "--steps", "1", "--batch-size", "2", "--warmup", "1"]))
+    pipe = LayoutsLoader(str(tmp_path / "ck")).load()
+    assert pipe.edm_family == "digits" and pipe.sample_size == (32, 32)
+    img = pipe(["a three at the top left"], num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 1, 32, 32)
+    x, prompts = LayoutsLoader().train_data(scenes=6)
+    assert x.shape == (6, 1, 32, 32) and len(prompts) == 6 and " at the " in prompts[0]
+
+
+def test_model_layouts_composes_with_its_own_data_eval_and_calibration():
+    from edm.configs import compose
+
+    cfg = compose("model=layouts")
+    assert cfg.model.family == "digits" and cfg.gen.height == 32
+    assert cfg.data._target_ == "edm.data.layouts.LayoutPrompts"
+    assert cfg.calib._target_ == "edm.data.layouts.LayoutPrompts" and cfg.calib.offset >= 1000
+    assert cfg.eval.primary_metric == "eval/layout_fid" and "layouts" in cfg.eval

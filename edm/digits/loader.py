@@ -23,8 +23,11 @@ class DigitsLoader:
             the package (``edm/digits/weights``).
     """
 
+    default_dir = WEIGHTS_DIR  # subclasses for other embedded models change these two
+    train_module = "edm.digits.train"
+
     def __init__(self, checkpoint: str | None = None):
-        self.checkpoint = Path(checkpoint) if checkpoint else WEIGHTS_DIR
+        self.checkpoint = Path(checkpoint) if checkpoint else self.default_dir
 
     def check(self) -> Path:
         """Pre-flight: the checkpoint files exist (nothing is ever downloaded)."""
@@ -32,7 +35,7 @@ class DigitsLoader:
         if missing:
             raise MissingWeightsError(
                 f"<model.loader.checkpoint> {self.checkpoint} lacks {', '.join(missing)}; "
-                f"re-create it with `python -m edm.digits.train --out {self.checkpoint}`"
+                f"re-create it with `python -m {self.train_module} --out {self.checkpoint}`"
             )
         return self.checkpoint
 
@@ -54,7 +57,7 @@ class DigitsLoader:
                 comps[name].to(dtype)
         pipe = DigitsPipeline(**comps)
         pipe.set_progress_bar_config(disable=True)  # the runner shows its own progress
-        log.info("Loaded digits model from %s", self.checkpoint)
+        log.info("Loaded %s from %s", type(self).__name__.removesuffix("Loader"), self.checkpoint)
         return pipe
 
     def train_data(self) -> tuple[torch.Tensor, list[str]]:
