@@ -142,3 +142,15 @@ def test_model_layouts_composes_with_its_own_data_eval_and_calibration():
     assert cfg.data._target_ == "edm.data.layouts.LayoutPrompts"
     assert cfg.calib._target_ == "edm.data.layouts.LayoutPrompts" and cfg.calib.offset >= 1000
     assert cfg.eval.primary_metric == "eval/layout_fid" and "layouts" in cfg.eval
+
+
+def test_stop_after_reproduces_a_snapshot_of_the_longer_run_byte_for_byte(tmp_path):
+    from edm.layouts.train import parse_args, train
+
+    common = ["--steps", "4", "--batch-size", "2", "--warmup", "1"]
+    train(parse_args(["--out", str(tmp_path / "full"), *common, "--snapshot-every", "2",
+                      "--snapshot-dir", str(tmp_path / "snap")]))
+    train(parse_args(["--out", str(tmp_path / "part"), *common, "--stop-after", "2"]))
+    snap = (tmp_path / "snap" / "step_2" / "model.safetensors").read_bytes()
+    assert (tmp_path / "part" / "model.safetensors").read_bytes() == snap
+    assert (tmp_path / "full" / "model.safetensors").read_bytes() != snap

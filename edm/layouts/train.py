@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--snapshot-every", type=int, default=0, help="also save EMA every N steps")
     p.add_argument("--snapshot-dir", type=Path, default=None, help="where snapshots go (step_N/)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="save and stop after N steps of the --steps schedule (0 = all): checks a\n"
+                        "snapshot of a long run byte for byte without rerunning all of it")
     return p.parse_args(argv)
 
 
@@ -79,7 +82,7 @@ def train(args: argparse.Namespace) -> dict:
     log.info("training layouts/%s: %d params, %d steps x %d, %d threads", args.preset,
              sum(p.numel() for p in params), args.steps, args.batch_size, args.threads)
     t0, cpu0, running = time.time(), time.process_time(), 0.0
-    for step in range(args.steps):
+    for step in range(args.stop_after or args.steps):
         x0, prompts = batch(args.batch_size, g, args.p_uncond)
         t = torch.randint(T, (args.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
