@@ -98,6 +98,10 @@ def plan_run(cfg: DictConfig) -> Plan:
     log.info("Instantiating method <method=%s>", cfg.method.name)
     method = build_method(cfg)
     method.check(cfg.model.family)
+    compile_cfg = cfg.get("compile")
+    if compile_cfg and compile_cfg.enabled and compile_cfg.fullgraph and method.compile_blockers():
+        raise ConfigError("compile.fullgraph", "; ".join(method.compile_blockers()) + ".",
+                          [False])
     loader = instantiate(cfg.model.loader)
     loader.check()
     if getattr(method, "needs_train_data", False) and hasattr(loader, "check_train_data"):
@@ -200,18 +204,30 @@ def apply_method(plan: Plan, pipe) -> tuple[MethodReport, dict[str, float]]:
 
 
 def compile_denoiser(plan: Plan, pipe) -> dict[str, float]:
-    """Step 3b (``compile.enabled``): ``torch.compile`` the denoiser in place, after the method,
-    so a method's hooks and processors are compiled with it. ``nn.Module.compile`` keeps the
-    module object (the pipeline, hooks and the method's ``remove`` still see it); compilation
-    happens on the first call, i.e. in the untimed warm-up batch."""
+    """Step 3b (``compile.enabled``): ``torch.compile`` the denoiser's ``forward`` in place,
+    after the method, so the method's layer hooks and processors are compiled with it.
+
+    Only ``forward`` is compiled, not ``nn.Module.__call__``: the forward pre-hooks on the
+    denoiser itself (:class:`edm.state.StepTracker` and the methods' per-call planning: DSAP
+    ratios, ToMe's random destinations, CFG detection) stay eager Python. They read the timestep
+    value and draw from generators -- graph breaks if traced -- and the traced layers then see
+    only per-call decisions that take a few values (a handful of graphs per trajectory, not one
+    per step). The module object is kept, so the pipeline and the method's ``remove`` still see
+    it; compilation happens on the first call, i.e. in the untimed warm-up batch."""
     c = plan.cfg.get("compile")
     if not c or not c.enabled:
         return {}
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
     log.info("Compiling the denoiser <compile.mode=%s fullgraph=%s>", c.mode, c.fullgraph)
-    denoiser.compile(mode=None if c.mode == "default" else c.mode, fullgraph=bool(c.fullgraph),
-                     dynamic=c.dynamic)
+    compile_forward(denoiser, mode=c.mode, fullgraph=bool(c.fullgraph), dynamic=c.dynamic)
     return {"perf/compiled": 1.0}
+
+
+def compile_forward(module: torch.nn.Module, mode: str = "default", fullgraph: bool = False,
+                    dynamic: bool | None = None, backend: str = "inductor") -> None:
+    """``module.forward = torch.compile(module.forward)``: hooks on ``module`` run eagerly."""
+    module.forward = torch.compile(module.forward, mode=None if mode == "default" else mode,
+                                   fullgraph=fullgraph, dynamic=dynamic, backend=backend)
 
 
 def generate_images(plan: Plan, pipe) -> dict[str, float]:

@@ -55,3 +55,17 @@ def test_bad_compile_knobs_fail_before_loading(compose_cfg, override, key):
     with patch("edm.models.tiny.TinyPipeline.load", _no_load), \
             pytest.raises(ConfigError, match=f"<{key}>"):
         run(cfg)
+
+
+@pytest.mark.parametrize("model,method,needle", [
+    ("tiny_sd15", "method=pab", "diffusers' cache hooks"),
+    ("tiny_sd15", "method=taylorseer_cache", "torch.compiler.disable"),
+    ("tiny_sd15", "method.selection=random", "selection=random"),
+])
+def test_fullgraph_refused_for_methods_that_break_the_graph(compose_cfg, model, method, needle):
+    extra = ["method=at_edm", method] if method.startswith("method.") else [method]
+    cfg = compose_cfg(f"model={model}", "logger=none", "compile.enabled=true",
+                      "compile.fullgraph=true", *extra)
+    with patch("edm.models.tiny.TinyPipeline.load", _no_load), \
+            pytest.raises(ConfigError, match=f"<compile.fullgraph>.*{needle}"):
+        run(cfg)

@@ -88,7 +88,14 @@ class Method(abc.ABC):
     # of them in one run would replay each other's stale outputs (edm.methods.compose refuses).
     is_cache: ClassVar[bool] = False
     supported_families: ClassVar[tuple[str, ...]] = METHOD_FAMILIES
+    # Why torch.compile cannot trace the patched denoiser in one graph (None: it can; see
+    # tests/test_compile_methods.py). Then ``compile.fullgraph=true`` is refused up front.
+    graph_breaks: ClassVar[str | None] = None
     name: str = "method"
+
+    def compile_blockers(self) -> list[str]:
+        """``<method=name> reason`` for every part that breaks torch.compile's graph."""
+        return [f"<method={self.name}> {self.graph_breaks}"] if self.graph_breaks else []
 
     def check(self, family: str) -> None:
         """Raise :class:`UnsupportedFamily` before any model is loaded."""
@@ -126,20 +133,42 @@ class RatioMeter:
 
     Every call counts equally, so with DSAP (a ratio per step) this is the per-step average the
     method really ran at; calls on the meta device (FLOPs counting) are not recorded.
+
+    Under ``torch.compile`` the layer hooks are traced: a Python counter there would be read
+    into a guard and every call would recompile. Traced calls therefore add to a tensor on the
+    activations' device (an in-graph in-place add, no guard, no host sync); eager calls keep the
+    plain Python sum. ``metrics()`` reads both.
     """
 
     total: float = 0.0
     calls: int = 0
+    traced: torch.Tensor | None = None  # [sum of fractions, calls], float64, traced calls only
+
+    def prepare(self, device: torch.device) -> None:
+        """Called eagerly before each denoiser call (the methods' denoiser pre-hooks): creating
+        the tensor there rather than in the first traced call saves a recompile."""
+        if device.type != "meta" and (self.traced is None or self.traced.device != device):
+            self.traced = torch.zeros(2, dtype=torch.float64, device=device)
 
     def add(self, removed: int, present: int, device: torch.device) -> None:
-        if present and device.type != "meta":
-            self.total += removed / present
-            self.calls += 1
+        if not present or device.type == "meta":
+            return
+        if torch.compiler.is_compiling():
+            self.prepare(device)
+            self.traced.add_(torch.tensor([removed / present, 1.0], dtype=torch.float64,
+                                          device=device))
+            return
+        self.total += removed / present
+        self.calls += 1
 
     def metrics(self) -> dict[str, float]:
-        if not self.calls:
+        total, calls = self.total, self.calls
+        if self.traced is not None:
+            t_total, t_calls = self.traced.tolist()
+            total, calls = total + t_total, calls + int(t_calls)
+        if not calls:
             return {}
-        return {"token_ratio_measured": self.total / self.calls, "token_layer_calls": self.calls}
+        return {"token_ratio_measured": total / calls, "token_layer_calls": calls}
 
 
 class Patcher:
@@ -278,6 +307,9 @@ class Sequential(Method):
     def check(self, family: str) -> None:
         for m in self.methods:
             m.check(family)
+
+    def compile_blockers(self) -> list[str]:
+        return [b for m in self.methods for b in m.compile_blockers()]
 
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
         reports = [m.apply(pipe, ctx) for m in self.methods]

@@ -79,6 +79,10 @@ class DiffusersCache(RuntimeMethod):
     """
 
     is_cache = True
+    graph_breaks = (
+        "runs diffusers' cache hooks, which decide per step in Python from the timestep and "
+        "their own state (TaylorSeer's are torch.compiler.disable'd upstream): torch.compile "
+        "runs them with graph breaks, so compile.fullgraph must be false")
 
     why_unsupported: ClassVar[dict[str, str]] = {}
     apply_fn: ClassVar[str] = ""  # name of the diffusers.hooks function for non-CacheMixin models

@@ -229,6 +229,16 @@ class ATEDM(RuntimeMethod):
         scored = self.selection != "random" and self.score_source == "self"
         return scored or self.assignment == "attention"
 
+    def compile_blockers(self) -> list[str]:
+        why = []
+        if self.selection == "random":  # one generator draw per pruning layer, inside forward
+            why.append(f"<method={self.name}> method.selection=random draws scores from a "
+                       "generator inside each pruning layer (a graph break)")
+        if self.profile:
+            why.append(f"<method={self.name}> method.profile={self.profile} reads a clock "
+                       "around each phase (graph breaks)")
+        return why
+
     @property
     def needs_cross_map(self) -> bool:
         return self.selection != "random" and self.score_source == "cross"

@@ -55,6 +55,7 @@ class RunState:
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     meter: RatioMeter = field(default_factory=RatioMeter)
     cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
+    blocks: list[BlockState] = field(default_factory=list)  # every pruned block (a BlockHook each)
 
 
 @dataclass
@@ -67,17 +68,29 @@ class BlockState:
 
 
 class DenoiserHook:
-    """Forward pre-hook on the denoiser: is this call a classifier-free-guidance batch?"""
+    """Forward pre-hook on the denoiser: each block's ratio for this call (DSAP) and whether the
+    call is a classifier-free-guidance batch.
+
+    Both are decided here, outside the denoiser's ``forward``, because ``compile.enabled``
+    compiles only that ``forward`` (:func:`edm.runner.compile_denoiser`): the step index is
+    read in eager Python, and the traced layers see just the resulting ratio, which takes two
+    values with DSAP -- so two graphs, not one per step.
+    """
 
     def __init__(self, shared: RunState):
         self.shared = shared
 
     def __call__(self, module, args, kwargs):
         s = self.shared
+        st, c = s.tracker.state, s.cfg
+        for block in s.blocks:
+            block.ratio = c.dsap.ratio(c.prune_ratio, block.info, st.step_index, st.num_steps)
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        if x is not None:
+            s.meter.prepare(x.device)
         if not s.cfg.cfg_batches:
             s.cfg_batch = False
             return
-        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         half = x.shape[0] // 2
         # diffusers pipelines batch CFG as torch.cat([latents] * 2): equal halves <=> CFG.
         if x.device.type == "meta":  # values unknown: FLOPs tools say what the batch is
@@ -87,16 +100,15 @@ class DenoiserHook:
 
 
 class BlockHook(ModelHook):
-    """Sets the block's ratio for this call (DSAP) and checks the block left the grid full."""
+    """Starts the block's call on the full grid and checks it left the grid full (its ratio is
+    set by :class:`DenoiserHook`, with which it registers the block)."""
 
     def __init__(self, shared: RunState, block: BlockState):
         super().__init__()
         self.shared, self.block = shared, block
+        shared.blocks.append(block)
 
     def pre_forward(self, module, *args, **kwargs):
-        st = self.shared.tracker.state
-        c = self.shared.cfg
-        self.block.ratio = c.dsap.ratio(c.prune_ratio, self.block.info, st.step_index, st.num_steps)
         self.block.src = None
         return args, kwargs
 

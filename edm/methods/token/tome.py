@@ -46,7 +46,7 @@ from edm.methods.base import ApplyContext, MethodReport, Patcher, RatioMeter, Ru
 from edm.methods.token.dsap import DSAP
 from edm.methods.token.flux import FluxGrid, check_tome_flux, install_tome_flux_layer
 from edm.methods.token.hook_args import TrajectoryRNG, hidden_arg, with_hidden
-from edm.methods.token.tome_kernel import bipartite_merge, identity
+from edm.methods.token.tome_kernel import bipartite_merge, draw_destinations, identity
 from edm.state import StepTracker
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,40 @@ class _Run:
     rng: TrajectoryRNG
     meter: RatioMeter = field(default_factory=RatioMeter)
     grid: FluxGrid | None = None  # FLUX: the token grid comes from img_ids
+    layers: list[_LayerHook] = field(default_factory=list)  # in forward order
+
+
+class _Planner:
+    """Forward pre-hook on the denoiser: every layer's ratio (DSAP) and random destinations for
+    this call, decided before the denoiser's ``forward`` runs.
+
+    ``compile.enabled`` compiles only that ``forward`` (:func:`edm.runner.compile_denoiser`),
+    so this runs eagerly: it reads the step index and draws from the generator, neither of
+    which a traced graph can do without a break or a recompile per step. The draws are made in
+    the layers' forward order, each exactly as the layer would have made it (one
+    ``draw_destinations`` per layer that merges), so the random stream -- and tomesd parity --
+    is unchanged.
+    """
+
+    def __init__(self, run: _Run):
+        self.run = run
+
+    def __call__(self, module, args, kwargs):
+        run, c = self.run, self.run.cfg
+        state = run.tracker.state
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        if x is not None:
+            run.meter.prepare(x.device)
+        for layer in run.layers:
+            layer.ratio = c.dsap.ratio(c.ratio, layer.block, state.step_index, state.num_steps)
+            layer.pick = None
+            hw = layer.planned_grid()
+            if hw is None or x is None:  # FLUX on meta: grid unknown, the layer draws itself
+                continue
+            r = int(hw[0] * hw[1] * layer.ratio)
+            if r > 0 and layer.uses_rand(int(x.shape[0])):
+                layer.pick = (hw, draw_destinations(*hw, c.sx, c.sy,
+                                                    run.rng.generator_for(x.device), x.device))
 
 
 class _LayerHook(ModelHook):
@@ -94,21 +128,36 @@ class _LayerHook(ModelHook):
     def __init__(self, run: _Run, block: AttentionBlock, div: int | None, match: _Match):
         super().__init__()
         self.run, self.block, self.div, self.match = run, block, div, match
+        self.ratio = 0.0  # this call's, set by _Planner
+        self.pick = None  # ((h, w), destinations) drawn by _Planner for this call, or None
+        run.layers.append(self)
+
+    def uses_rand(self, batch: int) -> bool:
+        # tomesd: with an odd batch the CFG halves are not batched together and random
+        # destinations cause artifacts, so use the top-left destination.
+        c = self.run.cfg
+        return c.use_rand and (batch % 2 == 0 or not c.cfg_batches)
+
+    def planned_grid(self) -> tuple[int, int] | None:
+        """This call's token grid as known before the denoiser runs (None: FLUX on meta)."""
+        if self.div is None:
+            return self.run.grid.hw
+        hw = self.run.tracker.state.latent_hw
+        return None if hw is None else (math.ceil(hw[0] / self.div), math.ceil(hw[1] / self.div))
 
     def pre_forward(self, module, *args, **kwargs):
         x = hidden_arg(args, kwargs)
-        state = self.run.tracker.state
         B, N = x.shape[0], x.shape[1]
         h, w = self._grid(N)
         c = self.run.cfg
-        ratio = c.dsap.ratio(c.ratio, self.block, state.step_index, state.num_steps)
-        r = int(N * ratio)
+        r = int(N * self.ratio)
         self.run.meter.add(r, N, x.device)
-        # tomesd: with an odd batch the CFG halves are not batched together and random
-        # destinations cause artifacts, so use the top-left destination.
-        use_rand = c.use_rand and (B % 2 == 0 or not c.cfg_batches)
-        gen = self.run.rng.generator_for(x.device) if (use_rand and r > 0) else None
-        m, u, order = bipartite_merge(x, w, h, r, c.sx, c.sy, use_rand, gen, return_order=True)
+        use_rand = self.uses_rand(B)
+        pick = self.pick[1] if self.pick is not None and self.pick[0] == (h, w) else None
+        gen = self.run.rng.generator_for(x.device) if (use_rand and r > 0 and pick is None) \
+            else None
+        m, u, order = bipartite_merge(x, w, h, r, c.sx, c.sy, use_rand, gen, return_order=True,
+                                      pick=pick)
         self.match.merge, self.match.unmerge, self.match.shape = m, u, (B, N)
         self.match.order = order
         return args, kwargs
@@ -285,6 +334,8 @@ class ToMe(RuntimeMethod):
         if flux:
             run.grid = FluxGrid(denoiser)
             patcher.add_handle(run.grid)
+        # after the tracker and the grid (hooks run in registration order): it reads both
+        patcher.add_handle(denoiser.register_forward_pre_hook(_Planner(run), with_kwargs=True))
         # tokens per latent pixel side: the UNet block's downsample, the MMDiT's patch size
         patch = getattr(getattr(denoiser, "config", None), "patch_size", 1) or 1
         layers, skipped = [], []

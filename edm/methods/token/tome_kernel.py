@@ -28,8 +28,18 @@ def identity(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     return x
 
 
+def draw_destinations(h: int, w: int, sx: int, sy: int, generator: torch.Generator | None,
+                      device) -> torch.Tensor:
+    """The random destination of every ``sy x sx`` cell: ``[h//sy, w//sx, 1]`` int64, one
+    ``torch.randint`` draw from ``generator`` on its device (tomesd's draw), moved to ``device``."""
+    gen_device = generator.device if generator is not None else "cpu"
+    pick = torch.randint(sy * sx, (h // sy, w // sx, 1), generator=generator, device=gen_device)
+    return pick.to(device)
+
+
 def partition_dst(
-    h: int, w: int, sx: int, sy: int, use_rand: bool, generator: torch.Generator | None, device
+    h: int, w: int, sx: int, sy: int, use_rand: bool, generator: torch.Generator | None, device,
+    pick: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the ``h x w`` raster into destination and source token indices.
 
@@ -41,6 +51,8 @@ def partition_dst(
             ``torch.randint(sy*sx, (h//sy, w//sx, 1))`` draw from ``generator``); else the top-left.
         generator: RNG for the draw; its device is where the draw happens.
         device: device of the returned indices.
+        pick: the draw made beforehand (:func:`draw_destinations`), so that no generator is
+            touched here (``torch.compile`` cannot trace one); ``generator`` is then unused.
 
     Returns:
         ``(dst_idx [num_dst], src_idx [N - num_dst])``, int64 raster indices. Their order is
@@ -49,9 +61,8 @@ def partition_dst(
     """
     hc, wc = h // sy, w // sx
     if use_rand:
-        gen_device = generator.device if generator is not None else "cpu"
-        pick = torch.randint(sy * sx, (hc, wc, 1), generator=generator, device=gen_device)
-        pick = pick.to(device)
+        if pick is None:
+            pick = draw_destinations(h, w, sx, sy, generator, device)
     else:
         pick = torch.zeros(hc, wc, 1, dtype=torch.int64, device=device)
     # 0 marks a destination, 1 a source; sorting lists destinations first. The default
@@ -79,6 +90,7 @@ def bipartite_merge(
     use_rand: bool = True,
     generator: torch.Generator | None = None,
     return_order: bool = False,
+    pick: torch.Tensor | None = None,
 ) -> tuple[Merge, Merge] | tuple[Merge, Merge, torch.Tensor | None]:
     """Bipartite soft matching with random ``sy x sx`` destinations.
 
@@ -90,6 +102,7 @@ def bipartite_merge(
         sx, sy: destination cell size (2, 2 in ToMe-SD; the maximum ``r`` is then ``0.75 N``).
         use_rand: random destination per cell (ToMe-SD default) or the top-left token.
         generator: RNG for the destination draw (only used with ``use_rand``).
+        pick: destinations drawn beforehand (:func:`partition_dst`), instead of ``generator``.
         return_order: also return ``order [B, N - r]``: the raster index of the token each
             merged slot is (its destination for a merged group), e.g. to give merged tokens the
             rotary position of their destination (FLUX). ``None`` when nothing is merged.
@@ -105,7 +118,7 @@ def bipartite_merge(
     assert N == h * w, f"metric has {N} tokens, grid is {h}x{w}"
 
     with torch.no_grad():
-        dst_idx, src_idx = partition_dst(h, w, sx, sy, use_rand, generator, metric.device)
+        dst_idx, src_idx = partition_dst(h, w, sx, sy, use_rand, generator, metric.device, pick)
         num_dst, num_src = dst_idx.numel(), src_idx.numel()
         r = min(r, num_src)
 
