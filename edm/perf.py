@@ -14,15 +14,27 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def is_semi_structured(p: torch.Tensor) -> bool:
+    """A weight stored as ``torch.sparse.SparseSemiStructuredTensor`` (``method.export``)."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    return isinstance(p, SparseSemiStructuredTensor)
+
+
+def _dense(p: torch.Tensor) -> torch.Tensor:
+    return p.to_dense() if is_semi_structured(p) else p
+
+
 def param_stats(module: nn.Module) -> dict[str, float]:
-    """Total parameters, non-zero parameters and zero fraction of Linear/Conv weights."""
+    """Total parameters, non-zero parameters and zero fraction of Linear/Conv weights
+    (semi-structured weights count as the dense matrices they store)."""
     total = sum(p.numel() for p in module.parameters())
-    nonzero = sum(int(torch.count_nonzero(p)) for p in module.parameters())
+    nonzero = sum(int(torch.count_nonzero(_dense(p))) for p in module.parameters())
     w_total = w_zero = 0
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             w_total += m.weight.numel()
-            w_zero += m.weight.numel() - int(torch.count_nonzero(m.weight))
+            w_zero += m.weight.numel() - int(torch.count_nonzero(_dense(m.weight)))
     return {
         "params_m": total / 1e6,
         "params_b": total / 1e9,

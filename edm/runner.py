@@ -98,6 +98,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     log.info("Instantiating method <method=%s>", cfg.method.name)
     method = build_method(cfg)
     method.check(cfg.model.family)
+    method.check_device(device, resolve_dtype(cfg.model.dtype, device))
     compile_cfg = cfg.get("compile")
     if compile_cfg and compile_cfg.enabled and compile_cfg.fullgraph and method.compile_blockers():
         raise ConfigError("compile.fullgraph", "; ".join(method.compile_blockers()) + ".",

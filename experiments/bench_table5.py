@@ -83,17 +83,19 @@ def structured(dense: nn.Module, ratio: float) -> nn.Module:
 
 
 def semi_structured(dense: nn.Module) -> nn.Module:
-    """2:4 by magnitude on every target linear, stored in the sparse kernel's format."""
-    from torch.sparse import to_sparse_semi_structured
+    """2:4 by magnitude on every target linear, stored in the sparse kernel's format (the
+    conversion of ``method.export=semi_structured``)."""
+    from edm.methods.weight.export import to_semi_structured
 
     block = copy.deepcopy(dense)
     lins = {id(m): m for t in targets_of(block)
             for m in [c for _, c in t.consumers] + [p for _, p, _ in t.producers]}
     with torch.no_grad():
         for lin in lins.values():
-            w = lin.weight.detach().clone()
-            w[nm_mask(w.abs().float(), 2, 4)] = 0
-            lin.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+            lin.weight[nm_mask(lin.weight.abs().float(), 2, 4)] = 0
+    out = to_semi_structured([(str(i), lin) for i, lin in enumerate(lins.values())])
+    if out["skipped"]:
+        raise RuntimeError(f"layers not converted: {out['skipped']}")
     return block
 
 

@@ -97,6 +97,10 @@ class Method(abc.ABC):
         """``<method=name> reason`` for every part that breaks torch.compile's graph."""
         return [f"<method={self.name}> {self.graph_breaks}"] if self.graph_breaks else []
 
+    def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise :class:`ConfigError` before loading if the method cannot run on this device
+        and dtype (e.g. ``method.export=semi_structured`` needs CUDA fp16/bf16)."""
+
     def check(self, family: str) -> None:
         """Raise :class:`UnsupportedFamily` before any model is loaded."""
         if family not in self.supported_families:
@@ -289,9 +293,15 @@ class WeightMethod(Method):
             raise RuntimeError(
                 f"<method={self.name}> changed weights in place; set method.keep_backup=true to undo"
             )
+        from edm.perf import is_semi_structured
+
         with torch.no_grad():
             for n, w in self._backup.items():
-                self._backup_modules[n].weight.copy_(w)
+                m = self._backup_modules[n]
+                if is_semi_structured(m.weight):  # method.export: back to a dense parameter
+                    m.weight = nn.Parameter(w.to(m.weight.device, m.weight.dtype))
+                else:
+                    m.weight.copy_(w)
         self._backup = None
 
 
@@ -310,6 +320,10 @@ class Sequential(Method):
 
     def compile_blockers(self) -> list[str]:
         return [b for m in self.methods for b in m.compile_blockers()]
+
+    def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        for m in self.methods:
+            m.check_device(device, dtype)
 
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
         reports = [m.apply(pipe, ctx) for m in self.methods]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from edm.errors import ConfigError, NothingPatchedError
@@ -17,6 +18,7 @@ from edm.families import METHOD_FAMILIES, adapter
 from edm.methods.base import ApplyContext, MethodReport
 from edm.methods.weight.base_weight import PruningMethod, build_report
 from edm.methods.weight.calibrate import Unit
+from edm.methods.weight.export import check_export, to_semi_structured
 from edm.methods.weight.masks import check_pattern_sparsity, parse_pattern, zero_fraction
 from edm.perf import reset_peak_memory
 
@@ -28,18 +30,26 @@ class LayerwisePruning(PruningMethod):
         pattern: ``unstructured``, ``2:4`` or ``4:8`` (N:M needs sparsity 0.5).
         blocks: ``null`` (all transformer layers) or ``[start, stop)`` layer indices in forward
             order; the paper's 2:4 table prunes SD3.5-Large blocks 3..25 only.
+        export: ``null`` (masked dense weights) or ``semi_structured`` (2:4 on CUDA fp16/bf16:
+            :mod:`edm.methods.weight.export`, sparse tensor-core kernels).
     """
 
     # Layer-wise pruning needs only the adapter's linear units and a pipeline call for
     # calibration, which FLUX.1 has (its pipeline batches no CFG halves: one row per prompt).
     supported_families = (*METHOD_FAMILIES, "flux")
 
-    def __init__(self, sparsity: float, pattern: str = "unstructured", blocks=None, **kwargs):
+    def __init__(self, sparsity: float, pattern: str = "unstructured", blocks=None,
+                 export: str | None = None, **kwargs):
         super().__init__(sparsity, **kwargs)
         self.pattern = str(pattern)
         self.nm = parse_pattern(self.pattern)
         check_pattern_sparsity(self.pattern, self.sparsity)
         self.blocks = self._check_blocks(blocks)
+        check_export(export, self.pattern)
+        self.export = export
+
+    def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        check_export(self.export, self.pattern, device, dtype)
 
     @staticmethod
     def _check_blocks(blocks) -> range | None:
@@ -92,5 +102,8 @@ class LayerwisePruning(PruningMethod):
             "pattern": self.pattern,
             "targets": list(self.targets),
         }
+        if self.export == "semi_structured":  # after every count above: they read dense weights
+            details["export"] = to_semi_structured(layers)
+            metrics["export_converted_layers"] = float(len(details["export"]["converted"]))
         return build_report(self, device, patched=len(layers), sparsity=zeros / numel,
                             metrics=metrics, details=details, run=run)

@@ -21,7 +21,7 @@ from edm.methods.weight.obs_diff_structured import OBSDiffStructured
 # "not set": a value set for the other granularity is an error rather than silently ignored.
 _ONLY = {
     "unstructured": {"pattern": "unstructured", "blocks": None, "blocksize": 128,
-                     "mask_rule": "exact", "keep_backup": False},
+                     "mask_rule": "exact", "keep_backup": False, "export": None},
     "structured": {"exclude_first_last": None, "no_compensate": False, "rrf_k": 60, "save": True},
 }
 GRANULARITIES = tuple(_ONLY)
