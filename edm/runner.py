@@ -220,15 +220,26 @@ def compile_denoiser(plan: Plan, pipe) -> dict[str, float]:
         return {}
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
     log.info("Compiling the denoiser <compile.mode=%s fullgraph=%s>", c.mode, c.fullgraph)
-    compile_forward(denoiser, mode=c.mode, fullgraph=bool(c.fullgraph), dynamic=c.dynamic)
-    return {"perf/compiled": 1.0}
+    freezing = c.get("freezing")
+    if freezing is None:
+        freezing = plan.device.type == "cpu"
+    compile_forward(denoiser, mode=c.mode, fullgraph=bool(c.fullgraph), dynamic=c.dynamic,
+                    freezing=bool(freezing))
+    return {"perf/compiled": 1.0, "perf/compile_freezing": float(bool(freezing))}
 
 
 def compile_forward(module: torch.nn.Module, mode: str = "default", fullgraph: bool = False,
-                    dynamic: bool | None = None, backend: str = "inductor") -> None:
-    """``module.forward = torch.compile(module.forward)``: hooks on ``module`` run eagerly."""
+                    dynamic: bool | None = None, backend="inductor",
+                    freezing: bool = False) -> None:
+    """``module.forward = torch.compile(module.forward)``: hooks on ``module`` run eagerly.
+
+    ``freezing`` (inductor only): weights become constants, folded and, on CPU, prepacked for
+    oneDNN -- measured 1.48x faster than eager on SD1.5 at 128² on one CPU thread, where
+    inductor without it was 0.61x of eager (experiments/bench_token.py, dense_compiled row)."""
+    options = {"freezing": True} if freezing and backend == "inductor" else None
     module.forward = torch.compile(module.forward, mode=None if mode == "default" else mode,
-                                   fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+                                   fullgraph=fullgraph, dynamic=dynamic, backend=backend,
+                                   options=options)
 
 
 def generate_images(plan: Plan, pipe) -> dict[str, float]:

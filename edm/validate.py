@@ -87,9 +87,10 @@ def validate_compile(cfg: DictConfig) -> None:
         return
     if c.get("mode") not in COMPILE_MODES:
         raise ConfigError("compile.mode", f"unknown mode {c.get('mode')!r}.", COMPILE_MODES)
-    if c.get("dynamic") not in (None, True, False):
-        raise ConfigError("compile.dynamic", f"must be null, true or false, got "
-                          f"{c.get('dynamic')!r}.", [None, True, False])
+    for key in ("dynamic", "freezing"):
+        if c.get(key) not in (None, True, False):
+            raise ConfigError(f"compile.{key}", f"must be null, true or false, got "
+                              f"{c.get(key)!r}.", [None, True, False])
 
 
 GUIDANCE = ("cfg", "distilled", "none")

@@ -21,6 +21,14 @@ are the rest. Target: AT-EDM speed-up >= 0.9 x its FLOPs ratio.
     python experiments/bench_token.py --archs sdxl --rounds 2 --append \
         --out experiments/results/bench_token.md
 
+``dense_compiled``: the same dense model with its ``forward`` under ``torch.compile``
+(:func:`edm.runner.compile_forward`, ``--compile-mode``, ``--freezing``: on for CPU by default,
+as ``compile.freezing``; compiled once before the rounds, in the
+untimed warm-up), alternated with the other rows, which run under
+``torch.compiler.set_stance("force_eager")``. Every row then also gets a speed-up against it
+(``vs compiled``): what a user who would otherwise run the compiled dense model gains. The
+method rows run eager: compiling each method row would recompile at every apply (new hooks).
+
 Rows: ``ROWS[name] = factory(bench) -> Method | None`` (``None`` = dense). A factory may use
 ``bench.match(make, lo, hi)`` to find the parameter at which ``make(x)`` has the FLOPs of the
 ``at_edm`` row (bisection on the meta model).
@@ -29,6 +37,7 @@ Rows: ``ROWS[name] = factory(bench) -> Method | None`` (``None`` = dense). A fac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -43,6 +52,7 @@ from edm.methods.base import ApplyContext
 from edm.methods.token.atedm import ATEDM
 from edm.models import archs
 from edm.perf import cuda_clock
+from edm.runner import compile_forward
 
 NO_DSAP = {"enabled": False}  # one call = a late denoising step
 
@@ -144,8 +154,10 @@ def _tome_sd_make(bench: Bench):
 
 
 # Rows in order; the first AT-EDM row sets the FLOPs that ToMe matches.
+COMPILED = "dense_compiled"
 ROWS: dict[str, Callable[[Bench], object]] = {
     "dense": lambda bench: None,
+    COMPILED: lambda bench: None,  # dense, torch.compile'd forward (see the docstring)
     "at_edm": _atedm(),
     # SD1.5 (after_self_attn): the output from P·V of the map instead of fused SDPA on the kept
     # rows (map_output=kept_fused, the default there); identical to at_edm on SDXL (after_ffn)
@@ -232,22 +244,34 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
     cpu = {r: [] for r in rows}  # this thread's CPU time: excludes time descheduled by other load
     sdpa_acc: dict[str, float] = {}
     outputs = {}
-    denoiser(**inputs)  # warm-up, untimed
+    compiled = COMPILED in rows
+    eager = (lambda: torch.compiler.set_stance("force_eager")) if compiled else \
+        contextlib.nullcontext
+    with eager():
+        denoiser(**inputs)  # warm-up, untimed
+    if compiled:
+        freezing = dev == "cpu" if args.freezing is None else args.freezing == "on"
+        compile_forward(denoiser, mode=args.compile_mode, freezing=freezing)
+        t0 = time.perf_counter()
+        denoiser(**inputs)  # compiles (untimed)
+        print(f"[{arch}] compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        denoiser(**inputs)
     for rnd in range(args.rounds):
         order = rows[rnd % len(rows) :] + rows[: rnd % len(rows)]
         for row in order:
             m = methods[row]
             handles = []
             if m is None:
-                if dev != "cuda":  # per-layer timing needs syncs on CUDA
+                if dev != "cuda" and row != COMPILED:  # per-layer timing needs syncs on CUDA
                     handles = _sdpa_timers(denoiser, mapped, sdpa_acc, clock)
             else:
                 m.apply(pipe, ctx)
             if dev == "cuda":
                 torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), clock()
-            out = denoiser(**inputs)[0]
-            c1 = clock()
+            with contextlib.nullcontext() if row == COMPILED else eager():
+                t0, c0 = time.perf_counter(), clock()
+                out = denoiser(**inputs)[0]
+                c1 = clock()
             wall[row].append(time.perf_counter() - t0)
             cpu[row].append(c1 - c0)
             outputs.setdefault(row, out)
@@ -270,10 +294,11 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
         ),
         (
             "| row | TFLOPs/call | FLOPs ratio | wall s (median) | wall speed-up | "
-            "/ FLOPs ratio | CPU s (median) | CPU speed-up | / FLOPs ratio | changes output | "
-            "setting |"
+            "/ FLOPs ratio | CPU s (median) | CPU speed-up | / FLOPs ratio | "
+            + ("CPU speed-up vs compiled | " if compiled else "")
+            + "changes output | setting |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
     ]
     for row in rows:
         ratio_f = flops["dense"] / flops[row]
@@ -282,11 +307,17 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
         changed = "-" if row == "dense" else str(not torch.equal(outputs[row], outputs["dense"]))
         m = methods[row]
         setting = "-" if m is None else _describe(m)
+        vs = ""
+        if compiled:
+            vs = f"{statistics.median(d / t for d, t in zip(cpu[COMPILED], cpu[row])):.3f} | "
+        if row == COMPILED:
+            freezing = dev == "cpu" if args.freezing is None else args.freezing == "on"
+            setting = f"torch.compile mode={args.compile_mode}, freezing={freezing}"
         lines.append(
             f"| {row} | {flops[row] / 1e12:.3f} | {ratio_f:.3f} | "
             f"{statistics.median(wall[row]):.2f} | {sp_w:.3f} | {sp_w / ratio_f:.2f} | "
             f"{statistics.median(cpu[row]):.2f} | {sp_c:.3f} | {sp_c / ratio_f:.2f} | "
-            f"{changed} | {setting} |"
+            f"{vs}{changed} | {setting} |"
         )
     if dev == "cuda":
         lines += [
@@ -349,6 +380,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode of the dense_compiled row")
+    ap.add_argument("--freezing", default=None, choices=["on", "off"],
+                    help="inductor freezing of dense_compiled (default: on for CPU, as compile.freezing)")
     ap.add_argument("--out", default=None, help="write the markdown report here")
     ap.add_argument("--append", action="store_true", help="append to --out (one file, two runs)")
     args = ap.parse_args()

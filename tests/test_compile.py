@@ -29,6 +29,7 @@ def _check_close(compose_cfg, tmp_path, *method):
     eager, a = _run(compose_cfg, tmp_path, "eager", *method)
     compiled, b = _run(compose_cfg, tmp_path, "compiled", "compile.enabled=true", *method)
     assert compiled["perf/compiled"] == 1 and "perf/compiled" not in eager
+    assert compiled["perf/compile_freezing"] == 1  # compile.freezing=null -> on for CPU
     assert compiled["perf/gflops_per_step"] == pytest.approx(eager["perf/gflops_per_step"])
     assert len(a) == len(b) == 2
     assert max(int(np.abs(x - y).max()) for x, y in zip(a, b)) <= 2
@@ -39,7 +40,7 @@ def test_compiled_dense_matches_eager(compose_cfg, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["method=tome", "method=magnitude"])
+@pytest.mark.parametrize("method", ["method=tome", "method=magnitude", "method=at_edm"])
 def test_compiled_method_matches_eager(compose_cfg, tmp_path, method):
     _check_close(compose_cfg, tmp_path, method)
 
@@ -49,7 +50,8 @@ def _no_load(*_a, **_k):
 
 
 @pytest.mark.parametrize("override,key", [("compile.mode=fastest", "compile.mode"),
-                                          ("compile.dynamic=sometimes", "compile.dynamic")])
+                                          ("compile.dynamic=sometimes", "compile.dynamic"),
+                                          ("compile.freezing=maybe", "compile.freezing")])
 def test_bad_compile_knobs_fail_before_loading(compose_cfg, override, key):
     cfg = compose_cfg("model=tiny_sd15", "logger=none", "compile.enabled=true", override)
     with patch("edm.models.tiny.TinyPipeline.load", _no_load), \
