@@ -121,3 +121,27 @@ def test_inductor_close_to_eager(tiny_pipes, method, overrides):
     compiled = _generate(pipe, "sd15")
     print(f"{method}: max |compiled - eager| = {float((compiled - eager).abs().max()):.2e}")
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["at_edm", "tome"])
+def test_flux_fullgraph_equal_outputs(method):
+    """FLUX.1 (packed tokens, grid from img_ids, per-sample rotary rows): also one graph."""
+    from edm.models.tiny import tiny_flux
+
+    pipe = tiny_flux()
+    pipe.set_progress_bar_config(disable=True)
+    _apply(pipe, "flux", method)
+
+    def gen():
+        with torch.no_grad():
+            return pipe(prompt=["a cat", "a dog"], num_inference_steps=4, guidance_scale=3.5,
+                        height=32, width=32, output_type="pt", max_sequence_length=32,
+                        generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+
+    eager = gen()
+    counter = GraphCounter()
+    torch._dynamo.reset()
+    compile_forward(pipe.transformer, fullgraph=True, backend=counter)
+    torch.testing.assert_close(gen(), eager, rtol=0, atol=0)
+    assert 1 <= counter.graphs <= 2, counter.graphs
