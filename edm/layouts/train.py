@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edm.digits.components import build_components, save_checkpoint
+from edm.digits.components import UNET_PRESETS, build_components, save_checkpoint
 from edm.digits.train import lr_at
 from edm.layouts.components import default_config
 from edm.layouts.data import layout_prompt, random_layouts, render
@@ -34,13 +34,15 @@ log = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
-    p.add_argument("--preset", default="small", choices=["small", "base"], help="UNet size")
+    p.add_argument("--preset", default="small", choices=list(UNET_PRESETS), help="UNet size")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (with 1/t warm-up)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="empty-prompt dropout for CFG")
+    p.add_argument("--embed-std", type=float, default=1.0,
+                   help="init std of the text encoder's token and position embeddings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="part of the recipe: results depend on it")
     p.add_argument("--log-every", type=int, default=100)
@@ -68,6 +70,17 @@ def train(args: argparse.Namespace) -> dict:
     config = default_config(args.preset)
     comps = build_components(config, seed=args.seed)
     unet, enc, tok, sched = comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler"]
+    # CLIP initialises both embeddings with std 0.02, so the words are a few % of each token's
+    # hidden state, and joint training did not change that (after 2000 steps "a four" vs "a
+    # seven" at the top left: 0.66 apart at the digit token, in states of norm 5.3). With
+    # unit-variance embeddings they are 4.5-4.8 apart from the start. (That alone did not make
+    # the UNet bind digits to positions within 2000 steps: issue 14's notes.)
+    if args.embed_std:
+        ge = torch.Generator().manual_seed(args.seed + 1)
+        emb = enc.get_input_embeddings().weight, enc.embeddings.position_embedding.weight
+        with torch.no_grad():
+            for w in emb:
+                w.copy_(torch.randn(w.shape, generator=ge) * args.embed_std)
     unet.train()
     enc.train().requires_grad_(True)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": enc})
