@@ -94,9 +94,10 @@ def test_fullgraph_bounded_graphs_equal_outputs(tiny_pipes, family, method, over
 
 @pytest.mark.slow
 def test_dsap_changes_the_plan_not_the_graph_count_per_step(tiny_pipes):
-    """A longer trajectory adds no graph: the traced layers never read the step index."""
+    """A longer trajectory adds no graph: the traced layers never read the step index. (DSAP's
+    early_steps=0.1 makes 1 and 2 early steps here: both trajectories see both ratios.)"""
     counts = {}
-    for steps in (4, 12):
+    for steps in (10, 20):
         pipe = copy.deepcopy(tiny_pipes["sd15"])
         _apply(pipe, "sd15", "at_edm")
         counter = GraphCounter()
@@ -104,7 +105,7 @@ def test_dsap_changes_the_plan_not_the_graph_count_per_step(tiny_pipes):
         compile_forward(pipe.unet, fullgraph=True, backend=counter)
         _generate(pipe, "sd15", steps=steps)
         counts[steps] = counter.graphs
-    assert counts[4] == counts[12] <= 2, counts
+    assert counts[10] == counts[20] == 2, counts
 
 
 @pytest.mark.slow
