@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from edm import perf
 from edm.data.images import MISSING, ImageSet, PromptItem
 from edm.data.prompts import assign_seeds, shard
+from edm.compiling import compile_forward
 from edm.errors import ConfigError
 from edm.eval.weights import preflight
 from edm.generate import generate, time_batches
@@ -226,20 +227,6 @@ def compile_denoiser(plan: Plan, pipe) -> dict[str, float]:
     compile_forward(denoiser, mode=c.mode, fullgraph=bool(c.fullgraph), dynamic=c.dynamic,
                     freezing=bool(freezing))
     return {"perf/compiled": 1.0, "perf/compile_freezing": float(bool(freezing))}
-
-
-def compile_forward(module: torch.nn.Module, mode: str = "default", fullgraph: bool = False,
-                    dynamic: bool | None = None, backend="inductor",
-                    freezing: bool = False) -> None:
-    """``module.forward = torch.compile(module.forward)``: hooks on ``module`` run eagerly.
-
-    ``freezing`` (inductor only): weights become constants, folded and, on CPU, prepacked for
-    oneDNN -- measured 1.48x faster than eager on SD1.5 at 128² on one CPU thread, where
-    inductor without it was 0.61x of eager (experiments/bench_token.py, dense_compiled row)."""
-    options = {"freezing": True} if freezing and backend == "inductor" else None
-    module.forward = torch.compile(module.forward, mode=None if mode == "default" else mode,
-                                   fullgraph=fullgraph, dynamic=dynamic, backend=backend,
-                                   options=options)
 
 
 def generate_images(plan: Plan, pipe) -> dict[str, float]:

@@ -21,13 +21,10 @@ are the rest. Target: AT-EDM speed-up >= 0.9 x its FLOPs ratio.
     python experiments/bench_token.py --archs sdxl --rounds 2 --append \
         --out experiments/results/bench_token.md
 
-``dense_compiled``: the same dense model with its ``forward`` under ``torch.compile``
-(:func:`edm.runner.compile_forward`, ``--compile-mode``, ``--freezing``: on for CPU by default,
-as ``compile.freezing``; compiled once before the rounds, in the
-untimed warm-up), alternated with the other rows, which run under
-``torch.compiler.set_stance("force_eager")``. Every row then also gets a speed-up against it
-(``vs compiled``): what a user who would otherwise run the compiled dense model gains. The
-method rows run eager: compiling each method row would recompile at every apply (new hooks).
+``dense_compiled``: the dense model with its ``forward`` compiled once before the rounds
+(``edm.compiling.compile_forward``, ``--compile-mode``, ``--freezing``: on for CPU by default),
+alternated with the other rows, which run under ``set_stance("force_eager")``; every row also
+gets its speed-up against it. Method rows stay eager (each apply would recompile).
 
 Rows: ``ROWS[name] = factory(bench) -> Method | None`` (``None`` = dense). A factory may use
 ``bench.match(make, lo, hi)`` to find the parameter at which ``make(x)`` has the FLOPs of the
@@ -52,7 +49,7 @@ from edm.methods.base import ApplyContext
 from edm.methods.token.atedm import ATEDM
 from edm.models import archs
 from edm.perf import cuda_clock
-from edm.runner import compile_forward
+from edm.compiling import compile_forward
 
 NO_DSAP = {"enabled": False}  # one call = a late denoising step
 
@@ -250,8 +247,7 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
     with eager():
         denoiser(**inputs)  # warm-up, untimed
     if compiled:
-        freezing = dev == "cpu" if args.freezing is None else args.freezing == "on"
-        compile_forward(denoiser, mode=args.compile_mode, freezing=freezing)
+        compile_forward(denoiser, mode=args.compile_mode, freezing=args.freezing)
         t0 = time.perf_counter()
         denoiser(**inputs)  # compiles (untimed)
         print(f"[{arch}] compiled in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -288,17 +284,12 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
     if dev == "cuda":
         where = f"{torch.cuda.get_device_name()}, synchronized wall clock in both time columns"
     lines = [
-        (
-            f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, {where}, "
-            f"{args.rounds} rounds\n"
-        ),
-        (
-            "| row | TFLOPs/call | FLOPs ratio | wall s (median) | wall speed-up | "
-            "/ FLOPs ratio | CPU s (median) | CPU speed-up | / FLOPs ratio | "
-            + ("CPU speed-up vs compiled | " if compiled else "")
-            + "changes output | setting |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if compiled else ""),
+        f"\n### {arch} at {args.size}², batch {args.batch}, {args.dtype}, {where}, "
+        f"{args.rounds} rounds\n",
+        "| row | TFLOPs/call | FLOPs ratio | wall s (median) | wall speed-up | / FLOPs ratio | "
+        "CPU s (median) | CPU speed-up | / FLOPs ratio | " + "CPU speed-up vs compiled | " * compiled
+        + "changes output | setting |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * compiled,
     ]
     for row in rows:
         ratio_f = flops["dense"] / flops[row]
@@ -311,8 +302,7 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
         if compiled:
             vs = f"{statistics.median(d / t for d, t in zip(cpu[COMPILED], cpu[row])):.3f} | "
         if row == COMPILED:
-            freezing = dev == "cpu" if args.freezing is None else args.freezing == "on"
-            setting = f"torch.compile mode={args.compile_mode}, freezing={freezing}"
+            setting = f"torch.compile mode={args.compile_mode}, freezing={args.freezing}"
         lines.append(
             f"| {row} | {flops[row] / 1e12:.3f} | {ratio_f:.3f} | "
             f"{statistics.median(wall[row]):.2f} | {sp_w:.3f} | {sp_w / ratio_f:.2f} | "
@@ -328,10 +318,8 @@ def bench_model(arch: str, rows: list[str], args) -> list[str]:
         return lines
     lines += [
         "",
-        (
-            "Overhead per call (AT-EDM rows, CPU seconds; `map` = mapped attn1 calls of the "
-            "pruning layers, `fused` = the same calls in the dense row, fused SDPA):"
-        ),
+        "Overhead per call (AT-EDM rows, CPU seconds; `map` = mapped attn1 calls of the "
+        "pruning layers, `fused` = the same calls in the dense row, fused SDPA):",
         "",
         "| row | map | fused (dense) | map - fused | gwpr | mask | gather | refill | total extra |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -369,9 +357,7 @@ def _describe(m) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--archs", default="sd15,sdxl")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--size", type=int, default=512)
@@ -387,6 +373,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the markdown report here")
     ap.add_argument("--append", action="store_true", help="append to --out (one file, two runs)")
     args = ap.parse_args()
+    args.freezing = args.device == "cpu" if args.freezing is None else args.freezing == "on"
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     if args.device == "cuda":
@@ -394,18 +381,10 @@ def main() -> None:
     rows = [r for r in args.rows.split(",") if r]
     assert rows[0] == "dense" and "at_edm" in rows, "rows must start with dense and include at_edm"
     t0 = time.time()
-    report = (
-        []
-        if args.append
-        else [
-            f"# Token pruning benchmark ({'GPU' if args.device == 'cuda' else 'CPU'})",
-            "",
-            (
-                f"torch {torch.__version__}, random weights; see "
-                "the docstring of experiments/bench_token.py for the protocol."
-            ),
-        ]
-    )
+    report = [] if args.append else [
+        f"# Token pruning benchmark ({'GPU' if args.device == 'cuda' else 'CPU'})", "",
+        f"torch {torch.__version__}, random weights; see the docstring of "
+        "experiments/bench_token.py for the protocol."]
     report += ["", "```", "python " + " ".join(sys.argv), "```"]
     for arch in args.archs.split(","):
         report += bench_model(arch, rows, args)

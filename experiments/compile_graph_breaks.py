@@ -1,7 +1,7 @@
 """torch.compile with each runtime method (issue 15): graph breaks and graphs per trajectory.
 
 ``model=tiny_sd15``, the method applied, then the denoiser's ``forward`` compiled as
-``compile.enabled`` does (:func:`edm.runner.compile_forward`: the denoiser-level pre-hooks stay
+``compile.enabled`` does (:func:`edm.compiling.compile_forward`: the denoiser-level pre-hooks stay
 eager), and two 6-step CFG trajectories generated. First with ``fullgraph=True`` (any break
 raises); if that fails, again with ``fullgraph=False`` to count the graphs dynamo makes (breaks
 and recompiles both add graphs). Graphs are counted by a backend that runs them as traced, so
@@ -22,13 +22,6 @@ METHODS = ("none,at_edm,at_edm:method.assignment=cosine,at_edm:method.selection=
            "tome,tome:method.dsap.enabled=true,deepcache,pab,taylorseer_cache")
 
 
-class GraphCounter:
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 def trajectories(pipe):
@@ -43,7 +36,7 @@ def measure(spec: str) -> tuple[str, int, str]:
     from edm.configs import method as build
     from edm.methods.base import ApplyContext
     from edm.models.tiny import tiny_sd15
-    from edm.runner import compile_forward
+    from edm.compiling import GraphCounter, compile_forward
 
     name, *overrides = spec.split(":")
     results = {}
@@ -72,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     lines = ["# torch.compile with each runtime method (tiny_sd15, 2 x 6-step CFG trajectories)", "",
              f"torch {torch.__version__}. Produced by `python experiments/compile_graph_breaks.py`. "
-             "The denoiser's `forward` is compiled (`edm.runner.compile_forward`), so its "
+             "The denoiser's `forward` is compiled (`edm.compiling.compile_forward`), so its "
              "pre-hooks (step tracking, DSAP ratios, ToMe's destination draws) run eagerly; "
              "`graphs` counts every graph dynamo produced over both trajectories (a break or a "
              "recompile adds one); `equal to eager` compares the images (graphs run as traced).",

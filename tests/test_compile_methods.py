@@ -19,20 +19,11 @@ import torch
 
 from edm.configs import method as build
 from edm.methods.base import ApplyContext
-from edm.runner import compile_forward
+from edm.compiling import GraphCounter, compile_forward
 
 STEPS = 6  # DSAP early_steps 0.1 -> 1 early step (AT-EDM), 0.2 -> 2 (ToMe): both ratios occur
 
 
-class GraphCounter:
-    """A ``torch.compile`` backend that counts the graphs it is given and runs them as traced."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return gm.forward
 
 
 def _generate(pipe, family, steps=STEPS, seeds=(0, 1)):

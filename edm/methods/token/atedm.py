@@ -230,14 +230,10 @@ class ATEDM(RuntimeMethod):
         return scored or self.assignment == "attention"
 
     def compile_blockers(self) -> list[str]:
-        why = []
-        if self.selection == "random":  # one generator draw per pruning layer, inside forward
-            why.append(f"<method={self.name}> method.selection=random draws scores from a "
-                       "generator inside each pruning layer (a graph break)")
-        if self.profile:
-            why.append(f"<method={self.name}> method.profile={self.profile} reads a clock "
-                       "around each phase (graph breaks)")
-        return why
+        why = [(self.selection == "random", "method.selection=random draws scores from a "
+                "generator inside each pruning layer"),
+               (bool(self.profile), f"method.profile={self.profile} reads a clock per phase")]
+        return [f"<method={self.name}> {text}" for on, text in why if on]
 
     @property
     def needs_cross_map(self) -> bool:
@@ -257,9 +253,8 @@ class ATEDM(RuntimeMethod):
         shared = RunState(settings, tracker, TrajectoryRNG(tracker, self.seed),
                           timer=PhaseTimer(self.profile))
         self._meter, self._timer = shared.meter, shared.timer
-        patcher.add_handle(
-            denoiser.register_forward_pre_hook(DenoiserHook(shared), with_kwargs=True)
-        )
+        hook = DenoiserHook(shared)
+        patcher.add_handle(denoiser.register_forward_pre_hook(hook, with_kwargs=True))
         blocks = ad.attention_blocks(denoiser)
         if not blocks:
             raise UnsupportedFamily(f"<method={self.name}> {type(denoiser).__name__} has no "
@@ -396,11 +391,8 @@ class ATEDM(RuntimeMethod):
 def _check_layer(layer: nn.Module, name: str, point: str) -> None:
     check_plain_attention(layer.attn1, f"{name}.attn1")
     if point == "after_self_attn":
-        ok = (
-            getattr(layer, "norm_type", None) == "layer_norm"
-            and layer.pos_embed is None
-            and not layer.only_cross_attention
-        )
+        ok = (getattr(layer, "norm_type", None) == "layer_norm" and layer.pos_embed is None
+              and not layer.only_cross_attention)
         if not ok:
             raise UnsupportedFamily(
                 f"AT-EDM prune_point=after_self_attn needs plain layer-norm blocks; {name} is not"
