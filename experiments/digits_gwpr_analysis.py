@@ -57,6 +57,7 @@ def main(argv=None) -> None:
     ap.add_argument("--random-draws", type=int, default=8)
     ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: shipped digits)")
     ap.add_argument("--model", default="digits", choices=["digits", "layouts"], help="prompt set")
+    ap.add_argument("--guidance", type=float, default=1.5, help="CFG scale of the sampled trajectories")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,16 +90,16 @@ def main(argv=None) -> None:
     for name, layer in layers:
         def pre(mod, a, kw, name=name):
             h = a[0] if a else kw["hidden_states"]
-            half = h.shape[0] // 2
+            half = h.shape[0] // 2 if args.guidance > 1 else 0  # CFG: the conditional half
             with torch.no_grad():
                 maps[name, step["i"]] = _attention_map(mod, h[half:])
         def post(mod, a, out, name=name):
             y = out[0] if isinstance(out, tuple) else out
-            outs[name, step["i"]] = y[y.shape[0] // 2:].detach()
+            outs[name, step["i"]] = y[y.shape[0] // 2 if args.guidance > 1 else 0:].detach()
         hooks.append(layer.attn1.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(layer.register_forward_hook(post))
     with torch.no_grad():
-        images = pipe(prompt=[it.prompt for it in items], num_inference_steps=25, guidance_scale=1.5,
+        images = pipe(prompt=[it.prompt for it in items], num_inference_steps=25, guidance_scale=args.guidance,
                       height=height, width=width, output_type="pt",
                       generator=[torch.Generator().manual_seed(it.seed) for it in items]).images
     for h in hooks:

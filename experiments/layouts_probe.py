@@ -2,7 +2,7 @@
 
     python experiments/layouts_probe.py --checkpoint DIR [--prompts 200]
 
-Generates ``--prompts`` layout prompts (``LayoutPrompts``, 25 DDIM steps, CFG 1.5, seeds 0..),
+Generates ``--prompts`` layout prompts (``LayoutPrompts``, 25 DDIM steps, CFG 1.1 (the model config's), seeds 0..),
 scores them with ``eval=layouts`` (object / empty / scene accuracy, cell-feature FID and its
 real-vs-real floor), and reports how much of the canvas is background (pixels < 1/255, which is
 the share of first-level attention tokens, 1 token = 1 pixel) for real layouts scenes and for
@@ -27,8 +27,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--prompts", type=int, default=200)
-    ap.add_argument("--guidance", type=float, default=1.5)
+    ap.add_argument("--guidance", type=float, default=1.1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-objects", type=int, default=4, help="keep only prompts with at most N objects")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -40,7 +41,8 @@ def main(argv=None) -> None:
     from edm.layouts.data import random_layouts, render
 
     pipe = DigitsLoader(args.checkpoint).load()
-    items = LayoutPrompts(num_prompts=args.prompts).load()
+    items = [it for it in LayoutPrompts(num_prompts=args.prompts).load()
+             if sum(d >= 0 for d in it.meta["layout"]) <= args.max_objects]
     out = Path(tempfile.mkdtemp(prefix="layouts_probe_"))
     for s in range(0, len(items), 50):
         chunk = items[s : s + 50]
@@ -53,10 +55,26 @@ def main(argv=None) -> None:
     print(f"checkpoint {args.checkpoint}, {len(items)} prompts, CFG {args.guidance}, images in {out}")
     for k in ("object_acc", "empty_acc", "scene_acc", "layout_fid", "layout_fid_floor"):
         print(f"  {k}: {metrics[k]:.4f}")
+    by_count(items, metrics["pred_cells"])
     real = render(random_layouts(1000, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
     digits = digit_images("train")[0]
     print(f"  background share (pixel < 1/255): layouts {float((real < 1 / 255).float().mean()):.3f}, "
           f"digits {float((digits < 1 / 255).float().mean()):.3f}")
+
+
+def by_count(items, pred_cells) -> None:
+    """Object accuracy per object count, and identity-only accuracy (the named digit anywhere):
+    tells a model that draws the right digits in the wrong cells from one that ignores them."""
+    pred = torch.tensor(pred_cells).view(-1, 4).long()
+    want = torch.tensor([it.meta["layout"] for it in items])
+    count = (want >= 0).sum(1)
+    for n in sorted(set(count.tolist())):
+        rows = count == n
+        w, p = want[rows], pred[rows]
+        obj = w >= 0
+        hit = (w == p)[obj].float().mean().item()
+        anywhere = torch.stack([(p == w[:, c : c + 1]).any(1) for c in range(4)], 1)[obj].float().mean().item()
+        print(f"  {n} object(s), {int(rows.sum())} prompts: object acc {hit:.3f}, digit anywhere {anywhere:.3f}")
 
 
 if __name__ == "__main__":

@@ -50,12 +50,12 @@ class DigitsLoader:
                               ["digits"])
         dtype = to_dtype(dtype)
         comps = load_components(self.check())
-        comps.pop("config")
+        config = comps.pop("config")
         for name in ("unet", "text_encoder"):
             comps[name].to(device)
             if dtype != torch.float32:  # the checkpoint is fp32; casting it to fp32 only warns
                 comps[name].to(dtype)
-        pipe = DigitsPipeline(**comps)
+        pipe = DigitsPipeline(**comps, mask_padding=config.get("pipeline", {}).get("mask_padding", False))
         pipe.set_progress_bar_config(disable=True)  # the runner shows its own progress
         log.info("Loaded %s from %s", type(self).__name__.removesuffix("Loader"), self.checkpoint)
         return pipe

@@ -38,7 +38,7 @@ from edm.errors import ConfigError, UnsupportedFamily
 from edm.methods.base import ApplyContext, MethodReport, WeightMethod
 from edm.methods.weight.base_weight import build_report, param_change
 from edm.methods.weight.diff_pruning_obs import OBS_MODES, MaskRecorder, obs_update
-from edm.methods.weight.finetune import finetune
+from edm.methods.weight.finetune import finetune, training_target
 from edm.methods.weight.hessian import WEIGHTINGS
 from edm.methods.weight.io import save_to_run
 
@@ -114,7 +114,8 @@ def accumulate_gradients(
             a = alphas[t]
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
-            loss = F.mse_loss(unet(xt, tt, **_cond(context)).sample.float(), noise)
+            target = training_target(scheduler, x0, noise, a)
+            loss = F.mse_loss(unet(xt, tt, **_cond(context)).sample.float(), target)
             loss.backward()
             losses.append(loss.item())
             loss_max = max(loss_max, losses[-1])
@@ -283,6 +284,9 @@ class DiffPruning(WeightMethod):
 
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
         self.check(ctx.family)
+        if getattr(pipe.config, "mask_padding", False):  # its UNet calls pass no text mask
+            raise UnsupportedFamily("Diff-Pruning: this model's UNet is trained with a padding mask "
+                                    "(mask_padding, model=layouts), which its training loss does not pass")
         unet = pipe.unet
         t0 = time.perf_counter()
         x_all, ctx_all = self.training_data(pipe, ctx)

@@ -1,7 +1,7 @@
 """DDPM fine-tuning of a (structurally pruned) UNet: the training half of Diff-Pruning.
 
-Standard epsilon-prediction training (Ho et al. 2020): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``
-at a uniform ``t``, MSE to ``eps``, AdamW, gradient clipping at 1. Conditional UNets (digits) get
+Standard DDPM training (Ho et al. 2020): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` at a uniform
+``t``, MSE to the scheduler's ``prediction_type`` target (``eps``, or ``v``), AdamW, gradient clipping at 1. Conditional UNets (digits) get
 their text states with an empty-prompt dropout so classifier-free guidance keeps working;
 unconditional ones (``UNet2DModel``, family ``ddpm``) are called without them.
 """
@@ -14,9 +14,22 @@ import torch
 import torch.nn.functional as F
 
 
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts at ``alpha_bar = a`` (its scheduler's ``prediction_type``): the
+    noise, ``v = sqrt(a) noise - sqrt(1 - a) x0`` (SD 2.x, the layouts model) or ``x0``."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise ValueError(f"Diff-Pruning: unknown prediction_type {kind!r} (epsilon, v_prediction, sample)")
+
+
 def finetune(unet, scheduler, x_all, ctx_all, *, steps, lr, batch_size, p_uncond, empty_ctx,
              generator, ema_decay=0.0, hflip=False, dropout=None) -> dict:
-    """Standard epsilon-prediction DDPM training of the pruned UNet for ``steps`` steps.
+    """Standard DDPM training of the pruned UNet for ``steps`` steps.
 
     ``ctx_all`` ``None``: unconditional (no prompt dropout). ``ema_decay`` > 0: the UNet ends
     with the moving average of its weights; ``hflip``: random horizontal flips of x0;
@@ -55,7 +68,7 @@ def finetune(unet, scheduler, x_all, ctx_all, *, steps, lr, batch_size, p_uncond
             noise = torch.randn(x0.shape, generator=g).to(x0)
             a = alphas[t].view(-1, 1, 1, 1).to(x0)
             pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t.to(x0.device), **kw).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            loss = F.mse_loss(pred.float(), training_target(scheduler, x0, noise, a).float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
