@@ -35,8 +35,8 @@ class DigitsPipeline(DiffusionPipeline):
         text_encoder: ``CLIPTextModel``; its ``last_hidden_state`` is the cross-attention context.
         mask_padding: pass the tokenizer's attention mask to the UNet as
             ``encoder_attention_mask``, so cross-attention skips the padding tokens (the layouts
-            model is trained so: 4-object prompts need 32 tokens, and unmasked, the 25 pads of a
-            1-object prompt took 56-85 % of the cross-attention). ``False`` for digits, like SD.
+            model is trained so: 4-object prompts need 32 tokens, and unmasked, the 24 pads of a
+            1-object prompt took 55-85 % of the cross-attention). ``False`` for digits, like SD.
     """
 
     model_cpu_offload_seq = "text_encoder->unet"
