@@ -36,6 +36,7 @@ from edm.digits.components import UNET_PRESETS, build_components, save_checkpoin
 from edm.digits.train import lr_at
 from edm.layouts.components import default_config
 from edm.layouts.data import layout_prompt, random_layouts, render
+from edm.methods.weight.finetune import training_target
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,7 @@ def train(args: argparse.Namespace) -> dict:
         ids = enc_in.input_ids
         kw = {"encoder_attention_mask": enc_in.attention_mask} if args.mask_padding else {}
         pred = unet(xt, t, encoder_hidden_states=enc(ids)[0], **kw).sample
-        target = noise if args.prediction == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, training_target(sched, x0, noise, a))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

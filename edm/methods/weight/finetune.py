@@ -1,9 +1,10 @@
 """DDPM fine-tuning of a (structurally pruned) UNet: the training half of Diff-Pruning.
 
 Standard DDPM training (Ho et al. 2020): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` at a uniform
-``t``, MSE to the scheduler's ``prediction_type`` target (``eps``, or ``v``), AdamW, gradient clipping at 1. Conditional UNets (digits) get
-their text states with an empty-prompt dropout so classifier-free guidance keeps working;
-unconditional ones (``UNet2DModel``, family ``ddpm``) are called without them.
+``t``, MSE to the scheduler's ``prediction_type`` target (:func:`training_target`: ``eps`` or
+``v``), AdamW, gradient clipping at 1. Conditional UNets (digits) get their text states with an
+empty-prompt dropout so classifier-free guidance keeps working; unconditional ones
+(``UNet2DModel``, family ``ddpm``) are called without them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """What the UNet predicts at ``alpha_bar = a`` (its scheduler's ``prediction_type``): the
-    noise, ``v = sqrt(a) noise - sqrt(1 - a) x0`` (SD 2.x, the layouts model) or ``x0``."""
+    noise, ``v = sqrt(a) noise - sqrt(1 - a) x0`` (SD 2.x, the layouts model) or ``x0``. Shared
+    by Diff-Pruning's gradient pass and fine-tune and by the layouts training recipe."""
     kind = scheduler.config.get("prediction_type", "epsilon")
     if kind == "epsilon":
         return noise
@@ -24,7 +26,7 @@ def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, a: torch.T
         return a.sqrt() * noise - (1 - a).sqrt() * x0
     if kind == "sample":
         return x0
-    raise ValueError(f"Diff-Pruning: unknown prediction_type {kind!r} (epsilon, v_prediction, sample)")
+    raise ValueError(f"unknown prediction_type {kind!r} (epsilon, v_prediction, sample)")
 
 
 def finetune(unet, scheduler, x_all, ctx_all, *, steps, lr, batch_size, p_uncond, empty_ctx,
