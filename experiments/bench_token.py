@@ -159,6 +159,9 @@ ROWS: dict[str, Callable[[Bench], object]] = {
     # SD1.5 (after_self_attn): the output from P·V of the map instead of fused SDPA on the kept
     # rows (map_output=kept_fused, the default there); identical to at_edm on SDXL (after_ffn)
     "at_edm_reuse": _atedm(map_output="reuse"),
+    # the chunked PyTorch map instead of the triton kernels (map_kernel=auto picks triton on
+    # CUDA; on CPU this row is at_edm)
+    "at_edm_torchmap": _atedm(map_kernel="torch"),
     # "dagger": skip the highest-resolution attention level (SD1.5 512²: 64x64, downsample 1;
     # SDXL 512²: 32x32, downsample 2), where the explicit maps are largest
     "at_edm_dagger": lambda bench: ATEDM(

@@ -70,11 +70,11 @@ def collect(outputs: Path) -> None:
         print(f"{exp}: {len(recs)} runs -> {dest}")
 
 
-def load(source: Path) -> dict[str, list[dict]]:
-    """Runs per experiment from ``source`` (a folder of .json copies or of metrics.json files)."""
+def load(source: Path, runs: Path = RUNS) -> dict[str, list[dict]]:
+    """Runs per experiment from ``source`` (a folder of .json copies, ``runs``, or of metrics.json files)."""
     recs = []
     for p in sorted(source.rglob("*.json")):
-        if p.name != "metrics.json" and source != RUNS and RUNS not in p.parents:
+        if p.name != "metrics.json" and source != runs and runs not in p.parents:
             continue
         try:
             rec = json.loads(p.read_text())

@@ -6,6 +6,12 @@ numbers). Each setting is a list of Hydra overrides composed exactly as ``run.py
 
     python experiments/digits_token_flops.py                       # the default grid
     python experiments/digits_token_flops.py "method=tome method.ratio=0.5 method.merge_mlp=true"
+
+``--match`` fits the ``{r}`` of ``--template`` (on a 0.01 grid in [0, 0.75], by bisection: FLOPs fall
+as the ratio grows) to each reference setting's FLOPs, e.g. ToMe against AT-EDM on the layouts model:
+
+    python experiments/digits_token_flops.py --extra model=layouts \
+        --match "method=at_edm method.prune_ratio=0.5" "method=at_edm method.prune_ratio=0.7"
 """
 
 from __future__ import annotations
@@ -50,14 +56,39 @@ def gflops(overrides: list[str]) -> float:
     return perf.flops_per_step(pipe, item, gen, cfg.model.limits.guidance)["gflops_per_step"]
 
 
+def fit_ratio(target: float, flops, lo: int = 0, hi: int = 75) -> tuple[float, float]:
+    """The ratio on a 0.01 grid whose ``flops(ratio)`` is nearest ``target`` (``flops`` decreasing)."""
+    cache = {}
+
+    def f(i):
+        if i not in cache:
+            cache[i] = flops(i / 100)
+        return cache[i]
+
+    while hi - lo > 1:                      # invariant: f(lo) >= target >= f(hi), or an end is best
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if f(mid) >= target else (lo, mid)
+    best = min((lo, hi), key=lambda i: abs(f(i) - target))
+    return best / 100, f(best)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("settings", nargs="*", help="space-separated overrides per setting (quoted)")
     ap.add_argument("--extra", default="", help="overrides added to every setting, e.g. a checkpoint")
+    ap.add_argument("--match", action="store_true", help="fit --template's {r} to each setting's FLOPs")
+    ap.add_argument("--template", default="method=tome method.max_downsample=2 method.ratio={r}")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    if args.match:
+        for s in args.settings:
+            target = gflops(s.split() + args.extra.split())
+            r, g = fit_ratio(target, lambda r: gflops(args.template.format(r=r).split() + args.extra.split()))
+            print(f"{args.template.format(r=r)}: {g:.5f} GFLOPs/step vs {target:.5f} "
+                  f"({100 * (g / target - 1):+.2f} %)  {s}", flush=True)
+        return
     dense = None
     for s in args.settings or DEFAULT_GRID:
         g = gflops(s.split() + args.extra.split())

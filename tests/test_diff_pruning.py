@@ -14,7 +14,7 @@ from edm.methods.base import ApplyContext
 from edm.methods.weight.diff_pruning import DiffPruning, accumulate_gradients, attention_heads
 
 
-def digits_pipe(heads=(2, 4, 4), seed=0):
+def digits_pipe(heads=(2, 4, 4), seed=0, mask_padding=False):
     """A digits pipeline (random init) whose attention has several heads per block, so that
     torch-pruning's default widths (16 -> 11) are not divisible by the head count."""
     from edm.digits.components import build_components, default_config
@@ -22,7 +22,7 @@ def digits_pipe(heads=(2, 4, 4), seed=0):
 
     cfg = default_config("small")
     cfg["unet"]["attention_head_dim"] = list(heads)
-    return DigitsPipeline(**build_components(cfg, seed=seed))
+    return DigitsPipeline(**build_components(cfg, seed=seed), mask_padding=mask_padding)
 
 
 def example(unet):
@@ -137,3 +137,28 @@ def test_family_and_config_checks():
         DiffPruning(0.3, importance="hessian")
     with pytest.raises(ConfigError):
         DiffPruning(1.2)
+
+
+def test_padding_mask_reaches_every_unet_call(tmp_path):
+    """A ``mask_padding`` UNet (model=layouts) is trained and sampled with the text padding masked
+    out; Diff-Pruning's gradient pass, torch-pruning trace, OBS update and fine-tune must call it
+    the same way, with the empty prompt's mask on the rows dropped for CFG."""
+    pipe = digits_pipe(mask_padding=True)
+    prompt = "a handwritten digit seven"
+    masks = {tuple(pipe._tokens([p]).attention_mask[0].tolist()): p for p in (prompt, "")}
+    seen = []
+
+    def spy(module, args, kwargs):
+        states = kwargs.get("encoder_hidden_states")
+        if states is not None:
+            seen.append(kwargs.get("encoder_attention_mask"))
+
+    pipe.unet.register_forward_pre_hook(spy, with_kwargs=True)
+    method = DiffPruning(0.3, batch_size=8, t_stride=100, finetune_steps=4, finetune_batch_size=8,
+                         p_uncond=0.5, obs_update=True, obs_images=4, obs_timesteps=2)
+    method.apply(pipe, ApplyContext(family="digits", output_dir=tmp_path, seed=0,
+                                    train_data=lambda: (torch.rand(16, 1, 16, 16), [prompt] * 16)))
+    assert len(seen) > 10 and all(m is not None for m in seen)
+    rows = [tuple(r.tolist()) for m in seen for r in m]
+    assert set(rows) <= set(masks) and {masks[r] for r in rows} == {prompt, ""}
+    assert all(0 < sum(r) < len(r) for r in rows)  # real masks: some tokens, some padding

@@ -55,6 +55,37 @@ def test_attention_with_map_matches_sdpa_on_cuda(dtype, atol, map_rtol):
     assert A.dtype == torch.float32 and torch.allclose(A.sum(-1), ones, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype,map_rtol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("n,d", [(4096, 64), (1024, 40)])  # SD-XL 1024² level 2; SD1.5 head dim 40
+def test_triton_map_matches_the_torch_map_on_cuda(dtype, map_rtol, n, d):
+    """The triton kernels (method.map_kernel=triton, the CUDA default) against the chunked
+    PyTorch map on identical inputs, with the time of each (printed: -s)."""
+    from edm.methods.token.attn_map import attention_with_map
+    from edm.methods.token.attn_map_triton import head_mean_map, resolve
+
+    assert resolve("auto", "mean", torch.device("cuda")) == "triton"  # includes the self-check
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k = (torch.randn(2, 10, n, d, device="cuda", generator=g, dtype=dtype) for _ in "qk")
+    _, ref, _ = attention_with_map(q, k, k, need_out=False)
+    got = head_mean_map(q, k)
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=map_rtol, atol=1e-7)
+    times = {}
+    for name, fn in (("torch", lambda: attention_with_map(q, k, k, need_out=False)),
+                     ("triton", lambda: head_mean_map(q, k))):
+        fn()
+        torch.cuda.synchronize()
+        t0 = torch.cuda.Event(enable_timing=True)
+        t1 = torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(10):
+            fn()
+        t1.record()
+        torch.cuda.synchronize()
+        times[name] = t0.elapsed_time(t1) / 10
+    print(f"map of [2, 10, {n}, {d}] {dtype}: torch {times['torch']:.3f} ms, "
+          f"triton {times['triton']:.3f} ms")
+
+
 def test_obs_solver_cuda_matches_cpu():
     from edm.methods.weight.obs import obs_prune
 

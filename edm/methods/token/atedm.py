@@ -58,7 +58,9 @@ from edm.methods.token.attn_map import (
     MapSelfAttnProcessor,
     MapSlot,
     check_plain_attention,
+    check_prune_layer,
 )
+from edm.methods.token.attn_map_triton import MAP_KERNELS, resolve as resolve_map_kernel
 from edm.methods.token.dsap import DSAP
 from edm.methods.token.flux import check_atedm_flux, install_atedm_flux
 from edm.methods.token.hook_args import TrajectoryRNG
@@ -138,6 +140,9 @@ class ATEDM(RuntimeMethod):
         map_chunk_mb (`float | None`, defaults to `None`): memory of one attention-probability
             chunk; ``None`` = by device: 2 MiB on CPU (stays in cache: fastest there), 256 MiB
             on CUDA (small chunks cost thousands of kernel launches per layer).
+        map_kernel (`str`, defaults to `"auto"`): ``torch`` (chunks, any device) | ``triton`` (CUDA,
+            ``head_reduce=mean``: :mod:`~edm.methods.token.attn_map_triton`) | ``auto`` (triton
+            where it applies, self-checked against torch at start-up).
         profile (`bool | str`, defaults to `False`): accumulate the time of map / gwpr / mask /
             gather / refill (an :class:`edm.perf.PhaseTimer`, reported by ``run_metrics()`` as
             ``time_<phase>_s``, logged as ``method/time_*``); ``True``/``"wall"`` = wall clock,
@@ -165,6 +170,7 @@ class ATEDM(RuntimeMethod):
         mmdit_refill_after: int = -1,
         map_output: str = "auto",
         map_chunk_mb: float | None = None,
+        map_kernel: str = "auto",
         profile: bool | str = False,
         seed: int = 0,
         name: str = "at_edm",
@@ -180,6 +186,7 @@ class ATEDM(RuntimeMethod):
             ("score_source", score_source, SCORE_SOURCES),
             ("assignment", assignment, ASSIGNMENTS),
             ("map_output", map_output, MAP_OUTPUTS),
+            ("map_kernel", map_kernel, MAP_KERNELS),
         ):
             if val not in allowed:
                 raise ConfigError(f"method.{key}", f"unknown value {val!r}.", allowed)
@@ -188,6 +195,8 @@ class ATEDM(RuntimeMethod):
         layers = [int(i) for i in prune_after_layers]
         if not layers or min(layers) < 0:
             raise ConfigError("method.prune_after_layers", f"non-empty, >= 0; got {layers}.")
+        if map_kernel == "triton" and head_reduce == "rms":
+            raise ConfigError("method.map_kernel", "triton computes the head-mean map only.")
         if map_output == "kept_fused" and prune_point == "after_ffn":
             raise ConfigError("method.map_output", "kept_fused needs prune_point after_self_attn.")
         if score_source == "cross" and prune_point == "after_self_attn":
@@ -213,6 +222,7 @@ class ATEDM(RuntimeMethod):
         self.profile = {False: None, True: "wall"}.get(profile, profile)
         self.map_output = map_output
         self.map_chunk_mb = None if map_chunk_mb is None else float(map_chunk_mb)
+        self.map_kernel, self._kernel = map_kernel, "torch"  # resolved per run (device) in install
         self.seed = int(seed)
         self.name, self.tag = name, tag or f"atedm-r{self.prune_ratio}"
         self.resolved_point: str | None = None
@@ -240,6 +250,7 @@ class ATEDM(RuntimeMethod):
         return self.selection != "random" and self.score_source == "cross"
 
     def install(self, pipe, patcher: Patcher, ctx: ApplyContext) -> MethodReport:
+        self._kernel = resolve_map_kernel(self.map_kernel, self.head_reduce, ctx.device)
         ad = adapter(ctx.family)
         denoiser = ad.denoiser(pipe)
         tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
@@ -284,6 +295,7 @@ class ATEDM(RuntimeMethod):
                 "head_reduce": self.head_reduce, "iters": self.iters,
                 "cfg_shared_mask": self.cfg_shared_mask,
                 "map_output": self._resolved_map_output(point), "dsap": repr(self.dsap),
+                "map_kernel": self._kernel,
             },
         )
 
@@ -302,7 +314,7 @@ class ATEDM(RuntimeMethod):
     def _map_slot(self, shared: RunState, defer: bool = False) -> MapSlot:
         timer = shared.timer if self.profile else None
         return MapSlot(head_reduce=self.head_reduce, iters=self.iters, chunk_mb=self.map_chunk_mb,
-                       timer=timer, defer_output=defer)
+                       kernel=self._kernel, timer=timer, defer_output=defer)
 
     def _install_unet(self, denoiser, blocks, patcher, shared, point):
         layers, skipped = [], []
@@ -326,7 +338,7 @@ class ATEDM(RuntimeMethod):
                     continue
                 slot = cross = None
                 if prunes:
-                    _check_layer(lay, lname, point)
+                    check_prune_layer(lay, lname, point)
                     slot = self._map_slot(shared, self._resolved_map_output(point) == "kept_fused")
                     patcher.set_processor(
                         lay.attn1, MapSelfAttnProcessor(slot, lay.attn1.get_processor())
@@ -386,14 +398,3 @@ class ATEDM(RuntimeMethod):
             patcher.register_hook(info.module, hook, _EDM_ATEDM_HOOK)
         patcher.register_hook(denoiser, BlockHook(shared, block), _EDM_ATEDM_HOOK)
         return layers
-
-
-def _check_layer(layer: nn.Module, name: str, point: str) -> None:
-    check_plain_attention(layer.attn1, f"{name}.attn1")
-    if point == "after_self_attn":
-        ok = (getattr(layer, "norm_type", None) == "layer_norm" and layer.pos_embed is None
-              and not layer.only_cross_attention)
-        if not ok:
-            raise UnsupportedFamily(
-                f"AT-EDM prune_point=after_self_attn needs plain layer-norm blocks; {name} is not"
-            )

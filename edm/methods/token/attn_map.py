@@ -45,6 +45,7 @@ def attention_with_map(
     chunk_mb: float | None = None,
     need_out: bool = True,
     map_from: int = 0,
+    kernel: str = "torch",
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """``softmax(q k^T / sqrt(d)) v`` plus the head-aggregated attention map, in one pass.
 
@@ -69,12 +70,22 @@ def attention_with_map(
             output of a few rows only (:func:`kept_rows_output`).
         map_from: first token of the mapped range ``[map_from, map_from + n_map)`` of queries
             and keys (FLUX puts the text tokens first: the image tokens start after them).
+        kernel: ``torch`` (this function's chunks) | ``triton`` (CUDA, ``mean`` only: the map from
+            :func:`~edm.methods.token.attn_map_triton.head_mean_map`, the output from fused SDPA;
+            the per-head probabilities never reach memory).
 
     Returns:
         ``(out [B, h, Nq, d] or None, A [B, nq, nk] float32, s_rms [B, nq] or None)``.
     """
     if head_reduce not in HEAD_REDUCE:
         raise ValueError(f"head_reduce must be one of {HEAD_REDUCE}, got {head_reduce!r}")
+    if kernel == "triton":
+        if head_reduce != "mean":
+            raise ValueError("kernel='triton' computes the head-mean map only")
+        from edm.methods.token.attn_map_triton import head_mean_map
+
+        A = head_mean_map(q, k, map_from=map_from, n_map=n_map)
+        return (F.scaled_dot_product_attention(q, k, v) if need_out else None), A, None
     b, h, nq, d = q.shape
     nk = k.shape[2]
     m0 = map_from
@@ -141,7 +152,7 @@ class MapSlot:
 
     Attributes:
         want_map: the next call must compute its map (set by a hook before the call).
-        head_reduce, iters, chunk_mb: see :func:`attention_with_map`.
+        head_reduce, iters, chunk_mb, kernel: see :func:`attention_with_map`.
         A: ``[B, n, n]`` map of the last mapped call (consumed by the hook).
         s_rms: per-head RMS scores of that call (``head_reduce="rms"``).
         replay: an already computed attention output to return instead of computing again
@@ -161,6 +172,7 @@ class MapSlot:
     head_reduce: str = "mean"
     iters: int = 5
     chunk_mb: float | None = None
+    kernel: str = "torch"
     A: torch.Tensor | None = None
     s_rms: torch.Tensor | None = None
     replay: torch.Tensor | None = None
@@ -189,6 +201,19 @@ def check_plain_attention(attn, name: str) -> None:
     ]
     if bad:
         raise UnsupportedFamily(f"AT-EDM cannot map attention {name}: it uses {', '.join(bad)}")
+
+
+def check_prune_layer(layer: torch.nn.Module, name: str, point: str) -> None:
+    """A UNet transformer layer AT-EDM can prune at ``point`` (plain attention; after_self_attn:
+    the layer-norm block whose forward the hooks split)."""
+    check_plain_attention(layer.attn1, f"{name}.attn1")
+    if point == "after_self_attn":
+        ok = (getattr(layer, "norm_type", None) == "layer_norm" and layer.pos_embed is None
+              and not layer.only_cross_attention)
+        if not ok:
+            raise UnsupportedFamily(
+                f"AT-EDM prune_point=after_self_attn needs plain layer-norm blocks; {name} is not"
+            )
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -250,6 +275,7 @@ class MapSelfAttnProcessor:
             head_reduce=slot.head_reduce,
             iters=slot.iters,
             chunk_mb=slot.chunk_mb,
+            kernel=slot.kernel,
             need_out=not slot.defer_output,
         )
         if out is None:
@@ -330,6 +356,7 @@ class MapJointAttnProcessor:
             head_reduce=slot.head_reduce,
             iters=slot.iters,
             chunk_mb=slot.chunk_mb,
+            kernel=slot.kernel,
         )
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
         img, ctx = out[:, :n_img], out[:, n_img:]

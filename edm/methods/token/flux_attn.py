@@ -149,6 +149,7 @@ class FluxTokenAttnProcessor:
                 out, slot.A, slot.s_rms = attn_map._attention_with_map_cfg(
                     slot, q, k, v, n_map=q.shape[2] - n_txt, map_from=n_txt,
                     head_reduce=slot.head_reduce, iters=slot.iters, chunk_mb=slot.chunk_mb,
+                    kernel=slot.kernel,
                 )
         else:
             out = F.scaled_dot_product_attention(q, k, v)

@@ -38,7 +38,7 @@ from edm.errors import ConfigError, UnsupportedFamily
 from edm.methods.base import ApplyContext, MethodReport, WeightMethod
 from edm.methods.weight.base_weight import build_report, param_change
 from edm.methods.weight.diff_pruning_obs import OBS_MODES, MaskRecorder, obs_update
-from edm.methods.weight.finetune import finetune, training_target
+from edm.methods.weight.finetune import cond_rows, finetune, text_cond, training_target
 from edm.methods.weight.hessian import WEIGHTINGS
 from edm.methods.weight.io import save_to_run
 
@@ -96,14 +96,15 @@ def accumulate_gradients(
     unet: nn.Module,
     scheduler,
     x0: torch.Tensor,
-    context: torch.Tensor | None,
+    context: dict | None,
     thr: float,
     generator: torch.Generator,
     t_stride: int = 1,
 ) -> dict:
     """Step 2 of the procedure: gradients summed over t = 0, t_stride, ... until the loss ratio
     drops below ``thr`` (0 = use every timestep). Returns the timesteps used and their losses.
-    ``context``: text states of a conditional UNet, ``None`` for an unconditional one."""
+    ``context``: the UNet text keywords of a conditional UNet (``finetune.text_cond``), ``None``
+    for an unconditional one."""
     T = scheduler.config.num_train_timesteps
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     alphas = scheduler.alphas_cumprod.to(x0.device, torch.float32)
@@ -115,18 +116,13 @@ def accumulate_gradients(
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             tt = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
             target = training_target(scheduler, x0, noise, a)
-            loss = F.mse_loss(unet(xt, tt, **_cond(context)).sample.float(), target)
+            loss = F.mse_loss(unet(xt, tt, **cond_rows(context, slice(None))).sample.float(), target)
             loss.backward()
             losses.append(loss.item())
             loss_max = max(loss_max, losses[-1])
             if losses[-1] < thr * loss_max:
                 break
     return {"timesteps_used": len(losses), "last_t": t, "loss_max": loss_max, "losses": losses}
-
-
-def _cond(context: torch.Tensor | None) -> dict:
-    """The text-conditioning keyword of a UNet call (an unconditional ``UNet2DModel`` has none)."""
-    return {} if context is None else {"encoder_hidden_states": context}
 
 
 class DiffPruning(WeightMethod):
@@ -247,7 +243,8 @@ class DiffPruning(WeightMethod):
             )
 
     def training_data(self, pipe, ctx: ApplyContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x0 in [-1, 1] ``[N, C, H, W]``, text context ``[N, L, D]`` or ``None`` for an
+        """(x0 in [-1, 1] ``[N, C, H, W]``, the UNet text keywords (``finetune.text_cond``: states
+        ``[N, L, D]``, plus the padding mask of a ``mask_padding`` model) or ``None`` for an
         unconditional model) on the UNet's device. ``ctx.train_data()`` (the loader's) returns
         images in [0, 1] and their prompts (``None``: unconditional)."""
         if ctx.train_data is not None:
@@ -264,11 +261,7 @@ class DiffPruning(WeightMethod):
         images = torch.as_tensor(images, dtype=torch.float32)
         x0 = images * 2 - 1 if images.min() >= 0 else images  # [0, 1] -> [-1, 1]
         unet = pipe.unet
-        context = None
-        if prompts is not None:
-            context = torch.cat([pipe.encode_prompt(list(prompts[i : i + 256]))
-                                 for i in range(0, len(prompts), 256)])
-        return x0.to(unet.device, unet.dtype), context
+        return x0.to(unet.device, unet.dtype), text_cond(pipe, prompts)
 
     def build_pruner(self, unet: nn.Module, example: dict, use_heads: bool):
         import torch_pruning as tp
@@ -284,16 +277,13 @@ class DiffPruning(WeightMethod):
 
     def apply(self, pipe, ctx: ApplyContext) -> MethodReport:
         self.check(ctx.family)
-        if getattr(pipe.config, "mask_padding", False):  # its UNet calls pass no text mask
-            raise UnsupportedFamily("Diff-Pruning: this model's UNet is trained with a padding mask "
-                                    "(mask_padding, model=layouts), which its training loss does not pass")
         unet = pipe.unet
         t0 = time.perf_counter()
         x_all, ctx_all = self.training_data(pipe, ctx)
         g = torch.Generator().manual_seed(int(ctx.seed))
         idx = torch.randperm(len(x_all), generator=g)[: self.batch_size]
         x0 = x_all[idx]
-        context = None if ctx_all is None else ctx_all[idx]
+        context = None if ctx_all is None else cond_rows(ctx_all, idx)
         params_before = sum(p.numel() for p in unet.parameters())
         shapes_before = {n: p.shape for n, p in unet.named_parameters()}
         was_training = unet.training
@@ -302,7 +292,7 @@ class DiffPruning(WeightMethod):
         if self.importance == "taylor":
             grads = accumulate_gradients(unet, pipe.scheduler, x0, context, self.thr, g, self.t_stride)
         example = {"sample": x0[:1], "timestep": torch.zeros(1, dtype=torch.long, device=x0.device),
-                   **_cond(None if context is None else context[:1])}
+                   **cond_rows(context, slice(0, 1))}
         dense = None
         if self.obs_update:  # the update needs the dense weights and activations (see _obs)
             dense = copy.deepcopy(unet).requires_grad_(False)
@@ -319,7 +309,7 @@ class DiffPruning(WeightMethod):
             else None
         del dense
         prune_seconds = time.perf_counter() - t0
-        empty = pipe.encode_prompt([""])[0] if ctx_all is not None else None
+        empty = text_cond(pipe, [""]) if ctx_all is not None else None
         ft = finetune(unet, pipe.scheduler, x_all, ctx_all, steps=self.finetune_steps,
                       lr=self.finetune_lr, batch_size=self.finetune_batch_size,
                       p_uncond=self.p_uncond, empty_ctx=empty, generator=g,
@@ -363,7 +353,7 @@ class DiffPruning(WeightMethod):
         idx = torch.randperm(len(x_all), generator=gc)[: self.obs_images]
         steps = int((ctx.gen or {}).get("num_inference_steps") or 25)
         return obs_update(unet, dense, recorder, pipe.scheduler, x_all[idx],
-                   None if ctx_all is None else ctx_all[idx], mode=self.obs_mode,
+                   None if ctx_all is None else cond_rows(ctx_all, idx), mode=self.obs_mode,
                    num_inference_steps=steps,
                    num_timesteps=self.obs_timesteps, weighting=self.obs_weighting,
                    batch_size=self.obs_batch_size, percdamp=self.percdamp, generator=gc)

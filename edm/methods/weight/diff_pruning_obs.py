@@ -50,6 +50,7 @@ from edm.methods.weight.conv_obs import (
     refit_to_dense,
     zero_columns,
 )
+from edm.methods.weight.finetune import cond_rows
 from edm.methods.weight.hessian import HessianStat, timestep_weights
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def calib_timesteps(scheduler, num_inference_steps: int, k: int) -> list[int]:
     return [ts[i] for i in pick]
 
 
-def calibration_batches(scheduler, x0: torch.Tensor, context: torch.Tensor | None,
+def calibration_batches(scheduler, x0: torch.Tensor, context: dict | None,
                         timesteps: list[int], weighting: str, batch_size: int,
                         generator: torch.Generator) -> list[tuple]:
     """``(x_t, t, unet kwargs, alpha)`` per batch: every image noised to every timestep with one
@@ -122,7 +123,7 @@ def calibration_batches(scheduler, x0: torch.Tensor, context: torch.Tensor | Non
             xb = x0[i : i + batch_size]
             xt = a_bar[t].sqrt() * xb + (1 - a_bar[t]).sqrt() * noise[i : i + batch_size]
             tt = torch.full((len(xb),), t, device=x0.device, dtype=torch.long)
-            kw = {} if context is None else {"encoder_hidden_states": context[i : i + batch_size]}
+            kw = cond_rows(context, slice(i, i + batch_size))
             out.append((xt, tt, kw, float(w)))
     return out
 
@@ -315,7 +316,7 @@ def sequential_refit(pruned: nn.Module, dense: nn.Module, recorder: MaskRecorder
 
 
 def obs_update(pruned: nn.Module, dense: nn.Module, recorder: MaskRecorder, scheduler,
-               x0: torch.Tensor, context: torch.Tensor | None, *, mode: str = "sequential",
+               x0: torch.Tensor, context: dict | None, *, mode: str = "sequential",
                num_inference_steps: int, num_timesteps: int, weighting: str, batch_size: int,
                percdamp: float, generator: torch.Generator) -> dict:
     """Steps 3-4 of the module docstring; returns the per-layer and total errors + timing."""

@@ -2,9 +2,9 @@
 
 Standard DDPM training (Ho et al. 2020): ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` at a uniform
 ``t``, MSE to the scheduler's ``prediction_type`` target (:func:`training_target`: ``eps`` or
-``v``), AdamW, gradient clipping at 1. Conditional UNets (digits) get their text states with an
-empty-prompt dropout so classifier-free guidance keeps working; unconditional ones
-(``UNet2DModel``, family ``ddpm``) are called without them.
+``v``), AdamW, gradient clipping at 1. Conditional UNets (digits) get their text keywords
+(a *cond*: :func:`text_cond`) with an empty-prompt dropout so classifier-free guidance keeps
+working; unconditional ones (``UNet2DModel``, family ``ddpm``) are called without them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,25 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+
+def text_cond(pipe, prompts: list[str] | None, chunk: int = 256) -> dict | None:
+    """The UNet text keywords of ``prompts`` as one batch-first dict (``None``: unconditional).
+
+    ``encoder_hidden_states`` always; ``encoder_attention_mask`` too when the pipeline's UNet was
+    trained with its padding masked (``DigitsPipeline.text_kwargs``, model=layouts), so every
+    training / calibration call sees the text exactly as sampling does."""
+    if prompts is None:
+        return None
+    encode = getattr(pipe, "text_kwargs", None) or (
+        lambda ps: {"encoder_hidden_states": pipe.encode_prompt(ps)})
+    parts = [encode(list(prompts[i : i + chunk])) for i in range(0, len(prompts), chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def cond_rows(cond: dict | None, rows) -> dict:
+    """The UNet keywords of ``rows`` (an index tensor or a slice) of ``cond``; ``{}`` if ``None``."""
+    return {} if cond is None else {k: v[rows] for k, v in cond.items()}
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -33,7 +52,8 @@ def finetune(unet, scheduler, x_all, ctx_all, *, steps, lr, batch_size, p_uncond
              generator, ema_decay=0.0, hflip=False, dropout=None) -> dict:
     """Standard DDPM training of the pruned UNet for ``steps`` steps.
 
-    ``ctx_all`` ``None``: unconditional (no prompt dropout). ``ema_decay`` > 0: the UNet ends
+    ``ctx_all``: a cond (:func:`text_cond`), ``None``: unconditional (no prompt dropout);
+    ``empty_ctx``: the cond of the empty prompt (one row). ``ema_decay`` > 0: the UNet ends
     with the moving average of its weights; ``hflip``: random horizontal flips of x0;
     ``dropout``: the rate of every ``nn.Dropout`` while training (``None`` = the model's own;
     restored afterwards, so sampling is unaffected either way).
@@ -63,9 +83,10 @@ def finetune(unet, scheduler, x_all, ctx_all, *, steps, lr, batch_size, p_uncond
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
             kw = {}
             if ctx_all is not None:
-                c = ctx_all[i].clone()
-                c[torch.rand(batch_size, generator=g) < p_uncond] = empty_ctx.to(c)
-                kw = {"encoder_hidden_states": c}
+                drop = torch.rand(batch_size, generator=g) < p_uncond
+                kw = {k: v.clone() for k, v in cond_rows(ctx_all, i).items()}
+                for k, v in kw.items():  # states and mask rows of the dropped prompts: the empty one's
+                    v[drop.to(v.device)] = empty_ctx[k][0].to(v)
             t = torch.randint(T, (batch_size,), generator=g)
             noise = torch.randn(x0.shape, generator=g).to(x0)
             a = alphas[t].view(-1, 1, 1, 1).to(x0)

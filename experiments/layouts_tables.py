@@ -1,0 +1,232 @@
+"""Tables and plots of the layouts-model studies (issue 14).
+
+Reads the runs of the ``layouts_*`` experiments from Hydra's output folders (after
+``python run.py experiment=<name>``) or from the copies committed in
+``experiments/results/layouts_runs/<experiment>/<run>.json``, and writes
+
+* ``experiments/results/layouts_token_quality.md`` + ``.png``: AT-EDM one factor at a time around
+  the paper's setting (selection, refill, DSAP) and ToMe at matched FLOPs, quality vs GFLOPs/step;
+* ``experiments/results/layouts_weight_quality.md`` + ``.png``: magnitude / Wanda / SparseGPT /
+  OBS-Diff at 30-70 % unstructured sparsity.
+
+    python experiments/layouts_tables.py --collect    # copy metrics from outputs/ into the repo, render
+    python experiments/layouts_tables.py              # render from the committed copies
+
+Hand-written text after the ``<!-- discussion -->`` line of an existing .md is kept on re-render.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from digits_tables import MARK, _f, _keep_discussion, experiment_of, load, run_file_name
+from tables import render_sweep, value_of
+
+RESULTS = HERE / "results"
+RUNS = RESULTS / "layouts_runs"
+TOKEN = ("layouts_token_quality", "layouts_token_tome")
+WEIGHT = ("layouts_weight_quality",)
+DENSE = "layouts_dense"
+METHODS = ("magnitude", "wanda", "sparsegpt", "obs_diff")
+# ToMe ratio -> the AT-EDM prune_ratio whose FLOPs it matches (conf/experiment/layouts_token_tome.yaml)
+TOME_MATCH = {0.07: 0.3, 0.21: 0.5, 0.37: 0.7}
+QUALITY = (("eval/object_acc", "per-object accuracy: digit and cell right (higher is better)"),
+           ("eval/scene_acc", "scene accuracy: every cell of the prompt right (higher is better)"),
+           ("eval/empty_acc", "empty-cell accuracy: no digit drawn where the prompt names none"),
+           ("eval/layout_fid", "cell-feature FID (lower is better)"))
+COMMANDS = {
+    "layouts_dense": "python run.py experiment=layouts_dense gen.progress=False logger=none",
+    "layouts_token_quality": "python run.py experiment=layouts_token_quality gen.progress=False logger=none",
+    "cosine": ("python run.py experiment=layouts_token_quality method.selection=gwpr "
+               "method.assignment=cosine gen.progress=False logger=none"),
+    "nodsap": ("python run.py experiment=layouts_token_quality method.selection=gwpr "
+               "method.dsap.enabled=false gen.progress=False logger=none"),
+    "layouts_token_tome": "python run.py experiment=layouts_token_tome gen.progress=False logger=none",
+    "layouts_weight_quality": "python run.py experiment=layouts_weight_quality gen.progress=False logger=none",
+}
+
+
+def collect(outputs: Path) -> None:
+    """Copy every complete layouts run under ``outputs`` into ``RUNS`` (no images; newest wins)."""
+    n: dict[str, int] = {}
+    for p in sorted(outputs.rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        exp = experiment_of(rec) if isinstance(rec, dict) and "run" in rec else None
+        if exp not in TOKEN + WEIGHT + (DENSE,) or rec["run"].get("missing_images") != 0 \
+                or "eval/object_acc" not in rec.get("metrics", {}):
+            continue
+        dest = RUNS / exp
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / run_file_name(rec)).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+        n[exp] = n.get(exp, 0) + 1
+    for exp, k in sorted(n.items()):
+        print(f"{exp}: {k} runs -> {RUNS / exp}")
+
+
+def _dense(by_exp) -> dict | None:
+    hits = by_exp.get(DENSE, [])
+    return hits[-1] if hits else None
+
+
+def _header(title: str, commands: list[str], runs: list[dict]) -> list[str]:
+    n = sorted({r["run"]["num_items"] for r in runs})
+    return [
+        f"# {title}", "",
+        ("Embedded layouts model (`model=layouts`: 1-4 digits at named cells of a 2x2 grid on a 32x32 "
+         "canvas, 1024 tokens at the first attention level, 25 DDIM steps, CFG 1.1), "
+         f"{'/'.join(map(str, n))} prompts per run (50 per object count, seed 0), `threads=1`, on a "
+         "2-core CPU shared with other jobs. Metrics from `conf/eval/layouts.yaml`: a cell classifier "
+         "reads each of the four cells (digit or empty); `eval/layout_fid` is the FID of its cell "
+         "features (`layout_fid_floor`: real scenes vs the held-out reference)."),
+        "", "Produced by:", "", "```", *commands,
+        "python experiments/layouts_tables.py --collect   # copies metrics to experiments/results/layouts_runs/",
+        "```", ""]
+
+
+def _dense_line(dense: dict | None) -> list[str]:
+    if not dense:
+        return ["**Dense baseline**: not run", ""]
+    m = dense["metrics"]
+    return [(f"**Dense baseline** (`experiment=layouts_dense`): per-object {_f(m.get('eval/object_acc'))}, "
+             f"scene {_f(m.get('eval/scene_acc'))}, empty cells {_f(m.get('eval/empty_acc'))}, cell FID "
+             f"{_f(m.get('eval/layout_fid'))} (floor {_f(m.get('eval/layout_fid_floor'))}), "
+             f"{_f(m.get('perf/gflops_per_step'), '{:.4f}')} GFLOPs/step."), ""]
+
+
+def token_variant(rec: dict) -> tuple[str, float] | None:
+    """(row label, AT-EDM prune ratio it sits at) of a token-study run."""
+    if experiment_of(rec) == "layouts_token_tome":
+        r = round(float(value_of(rec, "method.ratio")), 3)
+        return f"tome (max_downsample=2, ratio {r})", TOME_MATCH.get(r, r)
+    if experiment_of(rec) != "layouts_token_quality":
+        return None
+    dsap = str(value_of(rec, "method.dsap.enabled")).lower() == "true"
+    refill = value_of(rec, "method.assignment")
+    refill = "" if refill in (None, "attention") else f", {refill} refill"
+    return (f"at_edm {value_of(rec, 'method.selection')}{' + DSAP' if dsap else ''}{refill}",
+            float(value_of(rec, "method.prune_ratio")))
+
+
+def _token_records(by_exp) -> list[dict]:
+    out = []
+    for r in by_exp.get("layouts_token_quality", []) + by_exp.get("layouts_token_tome", []):
+        v = token_variant(r)
+        if v:
+            label = v[0].split(", ratio")[0] + ")" if v[0].startswith("tome") else v[0]
+            out.append({"metrics": r["metrics"], "run": {"overrides": [
+                f"variant={label}", f"prune_ratio={v[1]}", *r["run"].get("overrides", [])],
+                "num_items": r["run"]["num_items"]}})
+    return out
+
+
+def token_md(by_exp, plot_path: Path) -> str:
+    recs = _token_records(by_exp)
+    cmds = [COMMANDS[k] for k in ("layouts_dense", "layouts_token_quality", "cosine", "nodsap",
+                                  "layouts_token_tome")]
+    lines = _header("Token pruning on the embedded layouts model", cmds, recs or [{"run": {"num_items": 0}}])
+    lines += _dense_line(_dense(by_exp))
+    lines += [("Columns: AT-EDM `method.prune_ratio`. ToMe rows sit in the column whose AT-EDM (G-WPR, "
+               "attention refill, DSAP) FLOPs they match within 0.5 % (ToMe ratio "
+               + "/".join(map(str, TOME_MATCH)) + " -> " + "/".join(map(str, TOME_MATCH.values()))
+               + "); the GFLOPs table shows every run's measured value."), ""]
+    if recs:
+        for key, what in QUALITY + (("perf/gflops_per_step",
+                                     "GFLOPs per step, measured (CFG batch of 2, trajectory mean)"),):
+            lines += [render_sweep(recs, "variant", "prune_ratio", key, what), ""]
+    else:
+        lines += ["not run", ""]
+    lines += [f"![quality vs FLOPs]({plot_path.name})", ""]
+    return "\n".join(lines)
+
+
+def weight_md(by_exp, plot_path: Path) -> str:
+    runs = by_exp.get("layouts_weight_quality", [])
+    lines = _header("Weight pruning on the embedded layouts model",
+                    [COMMANDS["layouts_dense"], COMMANDS["layouts_weight_quality"]],
+                    runs or [{"run": {"num_items": 0}}])
+    lines += _dense_line(_dense(by_exp))
+    if runs:
+        for key, what in QUALITY + (("method/sparsity", "measured sparsity of the targeted layers"),):
+            lines += [render_sweep(runs, "method", "sparsity", key, what), ""]
+    else:
+        lines += ["not run", ""]
+    lines += [f"![quality vs sparsity]({plot_path.name})", ""]
+    return "\n".join(lines)
+
+
+def _plot(series: dict[str, list[tuple[float, dict]]], dense: dict | None, dense_x, xlabel: str,
+          path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("eval/object_acc", "eval/scene_acc", "eval/layout_fid")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    for ax, key in zip(axes, keys):
+        for label, pts in series.items():
+            xy = sorted((x, m.get(key)) for x, m in pts)
+            ax.plot(*zip(*xy), marker="o", label=label)
+        if dense:
+            ax.plot([dense_x], [dense["metrics"][key]], "k*", ms=10, label="dense")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(key)
+        if key == "eval/layout_fid":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def token_plot(by_exp, path: Path) -> None:
+    series: dict[str, list] = {}
+    for r in _token_records(by_exp):
+        series.setdefault(value_of(r, "variant"), []).append((r["metrics"]["perf/gflops_per_step"], r["metrics"]))
+    dense = _dense(by_exp)
+    _plot(series, dense, dense and dense["metrics"]["perf/gflops_per_step"], "GFLOPs per step (measured)", path)
+
+
+def weight_plot(by_exp, path: Path) -> None:
+    series: dict[str, list] = {}
+    for r in by_exp.get("layouts_weight_quality", []):
+        series.setdefault(value_of(r, "method"), []).append((float(value_of(r, "sparsity")), r["metrics"]))
+    _plot(series, _dense(by_exp), 0.0, "target sparsity (unstructured)", path)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--collect", action="store_true",
+                    help="copy the runs' metrics from --outputs into experiments/results/layouts_runs first")
+    ap.add_argument("--outputs", default="outputs", help="Hydra output root (for --collect)")
+    ap.add_argument("--source", default=str(RUNS), help="folder of runs to render (default: the committed copies)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.collect:
+        collect(Path(args.outputs))
+    by_exp = load(Path(args.source), runs=RUNS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, md_fn, plot_fn in (("layouts_token_quality", token_md, token_plot),
+                                 ("layouts_weight_quality", weight_md, weight_plot)):
+        md_path, png = out / f"{name}.md", out / f"{name}.png"
+        discussion = _keep_discussion(md_path, "\n## Discussion\n\n(to be written)\n")
+        md_path.write_text(md_fn(by_exp, png) + "\n" + MARK + discussion)
+        try:
+            plot_fn(by_exp, png)
+        except (KeyError, ValueError, TypeError) as e:  # partial sweeps: tables still render
+            print(f"{png.name}: not plotted ({e})")
+        print(f"wrote {md_path} and {png}")
+
+
+if __name__ == "__main__":
+    main()
