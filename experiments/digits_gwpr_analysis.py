@@ -9,7 +9,10 @@ with) and the layer's output. Per layer it reports
 * ``refill err``: ``||y - refill(y[keep])|| / ||y||`` of the layer output when the pruned tokens
   are replaced by a copy of the kept token they attend to most -- AT-EDM's refill, applied to the
   dense output -- for G-WPR keep sets vs random keep sets of the same size;
-* ``source dist``: mean grid distance from a pruned token to the kept token it copies;
+* ``refill err cosine``: the same with the cosine refill's sources (the most cosine-similar kept
+  token, similarity of the layer's normalised input), for the G-WPR keep sets;
+* ``source dist``: mean grid distance from a pruned token to the kept token it copies (two
+  random cells of an s x s grid are ~0.52 s apart);
 * ``ink kept``: share of the kept tokens lying on the digit's strokes (final image, pooled to the
   layer's grid) vs the share of ink tokens in the grid (what random keeps on average);
 * ``step corr``: Spearman correlation of G-WPR scores between consecutive steps.
@@ -68,6 +71,7 @@ def main(argv=None) -> None:
     from edm.families import adapter
     from edm.methods.token.atedm_kernel import (
         assign_by_attention,
+        assign_by_cosine,
         gwpr,
         keep_count,
         keep_indices,
@@ -84,7 +88,7 @@ def main(argv=None) -> None:
         items = assign_seeds(DigitPrompts(num_prompts=args.prompts).load(), 0)
     height, width = pipe.sample_size
     step = {"i": -1}
-    maps, outs = {}, {}  # (layer, step) -> cond-half map / output
+    maps, outs, ins = {}, {}, {}  # (layer, step) -> cond-half map / output / attn1 input
     hooks = [unet.register_forward_pre_hook(lambda m, a: step.__setitem__("i", step["i"] + 1))]
     layers = [(n, l) for blk in adapter(pipe).attention_blocks(unet) for n, l in blk.layers]
     for name, layer in layers:
@@ -93,6 +97,7 @@ def main(argv=None) -> None:
             half = h.shape[0] // 2 if args.guidance > 1 else 0  # CFG: the conditional half
             with torch.no_grad():
                 maps[name, step["i"]] = _attention_map(mod, h[half:])
+            ins[name, step["i"]] = h[half:].detach()
         def post(mod, a, out, name=name):
             y = out[0] if isinstance(out, tuple) else out
             outs[name, step["i"]] = y[y.shape[0] // 2 if args.guidance > 1 else 0:].detach()
@@ -121,12 +126,14 @@ def main(argv=None) -> None:
         s = gwpr(A)
         keep = keep_indices(s, k)
         r["topk_mass"].append(float(s.gather(1, keep).sum(-1).mean()))
-        def err(kp, y=y, A=A):  # relative change of the layer output after the refill
+        def err(kp, y=y, A=A, src=None):  # relative change of the layer output after the refill
             kept = y.gather(1, kp.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
-            diff = (y - refill(kept, assign_by_attention(A, kp))).norm(dim=(1, 2))
+            src = assign_by_attention(A, kp) if src is None else src
+            diff = (y - refill(kept, src)).norm(dim=(1, 2))
             return float((diff / y.norm(dim=(1, 2))).mean())
 
         r["refill_gwpr"].append(err(keep))
+        r["refill_cosine"].append(err(keep, src=assign_by_cosine(ins[name, t], keep)))
         r["dist_gwpr"].append(_source_distance(A, keep, side))
         rand = [torch.rand(b, n, generator=g).topk(k, -1).indices.sort(-1).values
                 for _ in range(args.random_draws)]
@@ -142,8 +149,9 @@ def main(argv=None) -> None:
     print(f"{args.model} model, {args.prompts} prompts x {steps} steps, prune_ratio {args.prune_ratio}, "
           f"random = mean of {args.random_draws} draws\n")
     print("| layer | tokens | entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
-          "| source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) | step corr |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| refill err cosine | source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) "
+          "| step corr |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     mean = lambda v: sum(v) / len(v) if v else float("nan")
     for name, _ in layers:
         r = rows[name]
@@ -151,7 +159,8 @@ def main(argv=None) -> None:
         k = keep_count(n, args.prune_ratio)
         print(f"| {name} | {math.isqrt(n)}x{math.isqrt(n)} | {mean(r['entropy']):.3f} | "
               f"{mean(r['topk_mass']):.3f} ({k / n:.3f}) | {mean(r['refill_gwpr']):.3f} | "
-              f"{mean(r['refill_random']):.3f} | {mean(r['dist_gwpr']):.2f} | {mean(r['dist_random']):.2f} | "
+              f"{mean(r['refill_random']):.3f} | {mean(r['refill_cosine']):.3f} | "
+              f"{mean(r['dist_gwpr']):.2f} | {mean(r['dist_random']):.2f} | "
               f"{mean(r['ink_kept']):.3f} | {mean(r['ink_all']):.3f} | "
               f"{mean(r['step_corr']):.3f} |")
     phases = (("early (first third)", lambda t: t < steps // 3),
@@ -159,7 +168,9 @@ def main(argv=None) -> None:
     for ph, sel in phases:
         gw = [e for (_, t), e in _by_step(rows, maps, "refill_gwpr") if sel(t)]
         rd = [e for (_, t), e in _by_step(rows, maps, "refill_random") if sel(t)]
-        print(f"refill error, {ph} steps, all layers: G-WPR {mean(gw):.3f} / random {mean(rd):.3f}")
+        cs = [e for (_, t), e in _by_step(rows, maps, "refill_cosine") if sel(t)]
+        print(f"refill error, {ph} steps, all layers: G-WPR {mean(gw):.3f} / random {mean(rd):.3f}"
+              f" / G-WPR with the cosine refill {mean(cs):.3f}")
 
 
 def _source_distance(A: torch.Tensor, keep: torch.Tensor, side: int) -> float:

@@ -7,7 +7,9 @@ Reads the runs of the ``layouts_*`` experiments from Hydra's output folders (aft
 * ``experiments/results/layouts_token_quality.md`` + ``.png``: AT-EDM one factor at a time around
   the paper's setting (selection, refill, DSAP) and ToMe at matched FLOPs, quality vs GFLOPs/step;
 * ``experiments/results/layouts_weight_quality.md`` + ``.png``: magnitude / Wanda / SparseGPT /
-  OBS-Diff at 30-70 % unstructured sparsity.
+  OBS-Diff at 30-70 % unstructured sparsity;
+* with ``--collect``, ``experiments/results/layouts_samples.png``: the first prompts' images of
+  dense and of each method at its middle setting (images are not committed, this picture is).
 
     python experiments/layouts_tables.py --collect    # copy metrics from outputs/ into the repo, render
     python experiments/layouts_tables.py              # render from the committed copies
@@ -54,6 +56,7 @@ COMMANDS = {
 def collect(outputs: Path) -> None:
     """Copy every complete layouts run under ``outputs`` into ``RUNS`` (no images; newest wins)."""
     n: dict[str, int] = {}
+    recs = []
     for p in sorted(outputs.rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
         try:
             rec = json.loads(p.read_text())
@@ -67,8 +70,56 @@ def collect(outputs: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         (dest / run_file_name(rec)).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
         n[exp] = n.get(exp, 0) + 1
+        recs.append(rec)
     for exp, k in sorted(n.items()):
         print(f"{exp}: {k} runs -> {RUNS / exp}")
+    samples_png(recs, RESULTS / "layouts_samples.png")
+
+
+# (label, experiment, overrides the run must have): the rows of the samples picture
+SAMPLES = (("dense", DENSE, ()),
+           ("AT-EDM 0.5, attention refill", "layouts_token_quality",
+            ("method.selection=gwpr", "method.prune_ratio=0.5", "method.assignment=attention",
+             "method.dsap.enabled=True")),
+           ("AT-EDM 0.5, cosine refill", "layouts_token_quality",
+            ("method.selection=gwpr", "method.prune_ratio=0.5", "method.assignment=cosine")),
+           ("random 0.5, attention refill", "layouts_token_quality",
+            ("method.selection=random", "method.prune_ratio=0.5")),
+           ("ToMe 0.21 (FLOPs of AT-EDM 0.5)", "layouts_token_tome", ("method.ratio=0.21",)),
+           ("OBS-Diff 50 %", "layouts_weight_quality", ("method=obs_diff", "sparsity=0.5")),
+           ("magnitude 50 %", "layouts_weight_quality", ("method=magnitude", "sparsity=0.5")))
+
+
+def samples_png(recs: list[dict], path: Path, n: int = 8) -> None:
+    """Rows of :data:`SAMPLES` x the first ``n`` prompts, from the runs' image folders."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = []
+    for label, exp, need in SAMPLES:
+        hits = [r for r in recs if experiment_of(r) == exp
+                and all(o in set(r["run"].get("overrides", ())) or _has(r, o) for o in need)]
+        if hits and Path(hits[-1]["run"]["images_dir"]).is_dir():
+            rows.append((label, Path(hits[-1]["run"]["images_dir"])))
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 2.2, 1.15 * len(rows)), squeeze=False)
+    for (label, d), ax_row in zip(rows, axes):
+        for i, ax in enumerate(ax_row):
+            ax.imshow(Image.open(d / f"{i:06d}.png").convert("L"), cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+        ax_row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _has(rec: dict, override: str) -> bool:
+    key, val = override.split("=", 1)
+    return str(value_of(rec, key)) == val
 
 
 def _dense(by_exp) -> dict | None:
