@@ -39,6 +39,13 @@ SCRIPT = textwrap.dedent("""
         assert err < 1e-5 * ref.abs().max().item() + 1e-7, (b, h, n, d, m0, n_map, err)
         assert torch.allclose(got.sum(-1), torch.ones(()), atol=1e-5)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # a batch whose offsets would overflow int32 is split (limit shrunk to split at 1 sample)
+    q = torch.randn(3, 2, 40, 16, generator=g)
+    k = torch.randn(3, 2, 40, 16, generator=g)
+    _, ref, _ = attention_with_map(q, k, k, need_out=False)
+    T.INDEX_LIMIT, limit = 2 * 40 * 16, T.INDEX_LIMIT
+    assert torch.allclose(T.head_mean_map(q, k, block=16), ref, rtol=1e-5, atol=1e-7)
+    T.INDEX_LIMIT = limit
     # half precision inputs: the map in fp32 from fp16 products, close to the fp32 path
     q = torch.randn(1, 2, 64, 32, generator=g)
     k = torch.randn(1, 2, 64, 32, generator=g)

@@ -36,6 +36,7 @@ from edm.errors import ConfigError
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAP_KERNELS = ("auto", "torch", "triton")
 _CHECKED: set[str] = set()  # devices whose kernels passed the start-up self-check
+INDEX_LIMIT = 2**31 - 1  # the kernels' offsets are int32: larger batches are split
 
 
 @functools.cache
@@ -73,6 +74,10 @@ def head_mean_map(q: torch.Tensor, k: torch.Tensor, map_from: int = 0, n_map: in
     nk = k.shape[2]
     mq = nq - map_from if n_map is None else min(n_map, nq - map_from)
     mk = nk - map_from if n_map is None else min(n_map, nk - map_from)
+    per = max(1, INDEX_LIMIT // max(1, mq * mk, h * max(nq, nk) * d))
+    if b > per:  # the kernels index with int32: split the batch so no offset overflows
+        return torch.cat([head_mean_map(q[i : i + per], k[i : i + per], map_from, n_map, block)
+                          for i in range(0, b, per)])
     lse = torch.empty(b, h, mq, dtype=torch.float32, device=q.device)
     A = torch.empty(b, mq, mk, dtype=torch.float32, device=q.device)
     bd = max(16, triton.next_power_of_2(d))
