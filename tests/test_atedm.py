@@ -368,3 +368,40 @@ def test_nothing_patched_is_an_error(pipes):
     # SD1.5 blocks have one layer: pruning after its FFN would refill at once, so nothing applies
     with pytest.raises(NothingPatchedError):
         ATEDM(prune_point="after_ffn").apply(pipes["sd15"], ApplyContext(family="sd15"))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_random_scores_drawn_before_the_call_are_the_layers_own_draws(pipes, family, monkeypatch):
+    """selection=random: the denoiser's pre-hook draws one pool (so a compiled forward holds no
+    generator) and rewinds the generator after the call to what the layers used: the images
+    equal those of the layers drawing for themselves (CPU generators are serial), and the stream
+    continues correctly across the steps and trajectories."""
+    from edm.methods.token.atedm_hooks import DenoiserHook
+
+    def run():
+        m = ATEDM(prune_ratio=0.5, selection="random", dsap={"early_steps": 1}, seed=3)
+        m.apply(pipes[family], ApplyContext(family=family))
+        try:
+            return torch.cat([generate(pipes[family], family, steps=3) for _ in range(2)])
+        finally:
+            m.remove(pipes[family])
+
+    pooled = run()
+    used = []
+    orig = DenoiserHook.after
+    def spy(self, *a):  # a forward hook: returns None, the output stays
+        used.append(self.shared.pool_off)
+        orig(self, *a)
+
+    monkeypatch.setattr(DenoiserHook, "after", spy)
+    assert torch.equal(run(), pooled) and min(used[1:]) > 0  # the pool fed every pruned call
+    monkeypatch.setattr(DenoiserHook, "after", orig)
+    real_call = DenoiserHook.__call__
+
+    def no_pool(self, *a):  # the layers draw themselves (the pre-compile behaviour)
+        n, self.shared.prune_layers = self.shared.prune_layers, 0
+        real_call(self, *a)
+        self.shared.prune_layers = n
+
+    monkeypatch.setattr(DenoiserHook, "__call__", no_pool)
+    assert torch.equal(run(), pooled)

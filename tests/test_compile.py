@@ -62,7 +62,7 @@ def test_bad_compile_knobs_fail_before_loading(compose_cfg, override, key):
 @pytest.mark.parametrize("model,method,needle", [
     ("tiny_sd15", "method=pab", "diffusers' cache hooks"),
     ("tiny_sd15", "method=taylorseer_cache", "torch.compiler.disable"),
-    ("tiny_sd15", "method.selection=random", "selection=random"),
+    ("tiny_sd15", "method.profile=wall", "profile=wall"),
 ])
 def test_fullgraph_refused_for_methods_that_break_the_graph(compose_cfg, model, method, needle):
     extra = ["method=at_edm", method] if method.startswith("method.") else [method]

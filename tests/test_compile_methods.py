@@ -46,6 +46,9 @@ CASES = [  # (family, method, overrides); DSAP on where the method has it
     pytest.param("sd15", "at_edm", ("method.assignment=cosine",), marks=SLOW),
     pytest.param("sdxl", "at_edm", (), marks=SLOW),
     ("sd3", "at_edm", ()),
+    # random scores drawn by the denoiser's eager pre-hook: no generator inside the graph
+    ("sd15", "at_edm", ("method.selection=random",)),
+    pytest.param("sd3", "at_edm", ("method.selection=random",), marks=SLOW),
     pytest.param("digits", "at_edm", (), marks=SLOW),
     ("sd15", "tome", ("method.dsap.enabled=true",)),
     pytest.param("sdxl", "tome", ("method.max_downsample=2", "method.merge_mlp=true"), marks=SLOW),

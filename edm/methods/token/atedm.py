@@ -240,9 +240,7 @@ class ATEDM(RuntimeMethod):
         return scored or self.assignment == "attention"
 
     def compile_blockers(self) -> list[str]:
-        why = [(self.selection == "random", "method.selection=random draws scores from a "
-                "generator inside each pruning layer"),
-               (bool(self.profile), f"method.profile={self.profile} reads a clock per phase")]
+        why = [(bool(self.profile), f"method.profile={self.profile} reads a clock per phase")]
         return [f"<method={self.name}> {text}" for on, text in why if on]
 
     @property
@@ -266,6 +264,7 @@ class ATEDM(RuntimeMethod):
         self._meter, self._timer = shared.meter, shared.timer
         hook = DenoiserHook(shared)
         patcher.add_handle(denoiser.register_forward_pre_hook(hook, with_kwargs=True))
+        patcher.add_handle(denoiser.register_forward_hook(hook.after))
         blocks = ad.attention_blocks(denoiser)
         if not blocks:
             raise UnsupportedFamily(f"<method={self.name}> {type(denoiser).__name__} has no "

@@ -56,6 +56,10 @@ class RunState:
     meter: RatioMeter = field(default_factory=RatioMeter)
     cfg_batch: bool = False  # this call is an [uncond, cond] batch (equal latent halves)
     blocks: list[BlockState] = field(default_factory=list)  # every pruned block (a BlockHook each)
+    prune_layers: int = 0  # LayerHooks that prune (each draws at most B x tokens random scores)
+    pool: torch.Tensor | None = None  # selection=random: this call's scores, drawn before it
+    pool_off: int = 0  # how much of ``pool`` the layers consumed so far in this call
+    pool_state: torch.Tensor | None = None  # the generator's state before ``pool`` was drawn
 
 
 @dataclass
@@ -68,13 +72,18 @@ class BlockState:
 
 
 class DenoiserHook:
-    """Forward pre-hook on the denoiser: each block's ratio for this call (DSAP) and whether the
-    call is a classifier-free-guidance batch.
+    """Forward pre-hook on the denoiser: each block's ratio for this call (DSAP), whether the
+    call is a classifier-free-guidance batch and, for ``selection=random``, the call's random
+    scores (:meth:`after` is its forward hook).
 
-    Both are decided here, outside the denoiser's ``forward``, because ``compile.enabled``
+    All are decided here, outside the denoiser's ``forward``, because ``compile.enabled``
     compiles only that ``forward`` (:func:`edm.runner.compile_denoiser`): the step index is
     read in eager Python, and the traced layers see just the resulting ratio, which takes two
-    values with DSAP -- so two graphs, not one per step.
+    values with DSAP -- so two graphs, not one per step. Random scores come from a generator,
+    which a traced graph cannot hold: one ``pool`` is drawn here, an upper bound of what the
+    layers need (``prune_layers x B x tokens``), and the layers take consecutive slices of it;
+    :meth:`after` rewinds the generator and advances it by what was used, so the stream -- and
+    on CPU every draw, whose generator is serial -- is the one the layers drew themselves before.
     """
 
     def __init__(self, shared: RunState):
@@ -88,6 +97,13 @@ class DenoiserHook:
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         if x is not None:
             s.meter.prepare(x.device)
+        s.pool, s.pool_off = None, 0
+        if c.selection == "random" and x is not None and x.device.type != "meta" and s.prune_layers:
+            gen = s.rng.generator_for(x.device)
+            s.pool_state = gen.get_state()
+            tokens = x.shape[1] if x.dim() == 3 else x.shape[-2] * x.shape[-1]  # FLUX: packed
+            total = s.prune_layers * x.shape[0] * tokens
+            s.pool = torch.rand(total, generator=gen, device=gen.device).to(x.device)
         if not s.cfg.cfg_batches:
             s.cfg_batch = False
             return
@@ -97,6 +113,16 @@ class DenoiserHook:
             s.cfg_batch = bool(x.shape[0] % 2 == 0 and s.cfg.meta_cfg_batch)
         else:
             s.cfg_batch = bool(x.shape[0] % 2 == 0 and torch.equal(x[:half], x[half:]))
+
+    def after(self, module, args, output):
+        """Forward hook: the generator advanced by the random scores used, not the pool drawn."""
+        s = self.shared
+        if s.pool is not None:
+            gen = s.rng.generator
+            gen.set_state(s.pool_state)
+            if s.pool_off:
+                torch.rand(s.pool_off, generator=gen, device=gen.device)
+            s.pool = s.pool_state = None
 
 
 class BlockHook(ModelHook):
@@ -143,6 +169,7 @@ class LayerHook(ModelHook):
             mmdit,
         )
         self.k: int | None = None  # tokens to keep in this call (None = no pruning)
+        shared.prune_layers += point is not None
 
     def pre_forward(self, module, *args, **kwargs):
         self.k = None
@@ -216,9 +243,12 @@ class LayerHook(ModelHook):
         b, n = hidden.shape[:2]
         with s.timer("gwpr"):
             if m.selection == "random":
-                if hidden.device.type == "meta":  # values do not matter, only the FLOPs
+                if s.pool is not None:  # drawn by DenoiserHook, so no generator in the graph
+                    scores = s.pool[s.pool_off : s.pool_off + b * n].view(b, n)
+                    s.pool_off += b * n
+                elif hidden.device.type == "meta":  # values do not matter, only the FLOPs
                     scores = torch.rand(b, n, device=hidden.device)
-                else:
+                else:  # a call that bypassed the denoiser's hooks
                     gen = s.rng.generator_for(hidden.device)
                     scores = torch.rand(b, n, generator=gen, device=gen.device).to(hidden.device)
             elif m.score_source == "cross":
