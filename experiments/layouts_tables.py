@@ -46,6 +46,8 @@ COMMANDS = {
     "layouts_token_quality": "python run.py experiment=layouts_token_quality gen.progress=False logger=none",
     "cosine": ("python run.py experiment=layouts_token_quality method.selection=gwpr "
                "method.assignment=cosine gen.progress=False logger=none"),
+    "random_cosine": ("python run.py experiment=layouts_token_quality method.selection=random "
+                      "method.assignment=cosine gen.progress=False logger=none"),
     "nodsap": ("python run.py experiment=layouts_token_quality method.selection=gwpr "
                "method.dsap.enabled=false gen.progress=False logger=none"),
     "layouts_token_tome": "python run.py experiment=layouts_token_tome gen.progress=False logger=none",
@@ -84,7 +86,9 @@ SAMPLES = (("dense", DENSE, ()),
            ("AT-EDM 0.5, cosine refill", "layouts_token_quality",
             ("method.selection=gwpr", "method.prune_ratio=0.5", "method.assignment=cosine")),
            ("random 0.5, attention refill", "layouts_token_quality",
-            ("method.selection=random", "method.prune_ratio=0.5")),
+            ("method.selection=random", "method.prune_ratio=0.5", "method.assignment=attention")),
+           ("random 0.5, cosine refill", "layouts_token_quality",
+            ("method.selection=random", "method.prune_ratio=0.5", "method.assignment=cosine")),
            ("ToMe 0.21 (FLOPs of AT-EDM 0.5)", "layouts_token_tome", ("method.ratio=0.21",)),
            ("OBS-Diff 50 %", "layouts_weight_quality", ("method=obs_diff", "sparsity=0.5")),
            ("magnitude 50 %", "layouts_weight_quality", ("method=magnitude", "sparsity=0.5")))
@@ -180,7 +184,7 @@ def _token_records(by_exp) -> list[dict]:
 
 def token_md(by_exp, plot_path: Path) -> str:
     recs = _token_records(by_exp)
-    cmds = [COMMANDS[k] for k in ("layouts_dense", "layouts_token_quality", "cosine", "nodsap",
+    cmds = [COMMANDS[k] for k in ("layouts_dense", "layouts_token_quality", "cosine", "random_cosine", "nodsap",
                                   "layouts_token_tome")]
     lines = _header("Token pruning on the embedded layouts model", cmds, recs or [{"run": {"num_items": 0}}])
     lines += _dense_line(_dense(by_exp))
