@@ -58,7 +58,6 @@ COMMANDS = {
 def collect(outputs: Path) -> None:
     """Copy every complete layouts run under ``outputs`` into ``RUNS`` (no images; newest wins)."""
     n: dict[str, int] = {}
-    recs = []
     for p in sorted(outputs.rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
         try:
             rec = json.loads(p.read_text())
@@ -72,10 +71,10 @@ def collect(outputs: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         (dest / run_file_name(rec)).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
         n[exp] = n.get(exp, 0) + 1
-        recs.append(rec)
     for exp, k in sorted(n.items()):
         print(f"{exp}: {k} runs -> {RUNS / exp}")
-    samples_png(recs, RESULTS / "layouts_samples.png")
+    # every copied run (also those of earlier --collect calls, e.g. from another output root)
+    samples_png([r for rs in load(RUNS, runs=RUNS).values() for r in rs], RESULTS / "layouts_samples.png")
 
 
 # (label, experiment, overrides the run must have): the rows of the samples picture
