@@ -163,6 +163,36 @@ def test_atedm_on_cuda_identity_removal_and_cond_only_map(family, monkeypatch):
     assert torch.allclose(both, pruned, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_atedm_triton_map_on_cuda_eager_and_compiled(family):
+    """map_kernel=auto resolves to the triton kernels on CUDA; images match the PyTorch map's,
+    and the denoiser compiles with fullgraph=True around the kernels (dynamo's user-defined
+    triton kernel support), at most 2 graphs, equal to eager."""
+    from edm.compiling import GraphCounter, compile_forward
+    from edm.methods.base import ApplyContext
+    from edm.methods.token.atedm import ATEDM
+
+    pipe, ctx = _tiny(family), ApplyContext(family=family, device="cuda")
+    imgs = {}
+    for kernel in ("torch", "auto"):
+        m = ATEDM(prune_ratio=0.5, map_kernel=kernel)
+        assert m.apply(pipe, ctx).details["map_kernel"] == ("torch" if kernel == "torch" else "triton")
+        imgs[kernel] = _generate(pipe, steps=4)
+        if kernel == "auto":
+            denoiser = getattr(pipe, "transformer", None) or pipe.unet
+            counter = GraphCounter()
+            torch._dynamo.reset()
+            forward = denoiser.forward
+            compile_forward(denoiser, fullgraph=True, backend=counter)
+            try:
+                compiled = _generate(pipe, steps=4)
+            finally:
+                denoiser.forward = forward
+            assert 1 <= counter.graphs <= 2 and torch.equal(compiled, imgs["auto"]), counter.graphs
+        m.remove(pipe)
+    assert torch.allclose(imgs["auto"], imgs["torch"], atol=1e-3)
+
+
 def test_tome_on_cuda_matches_tomesd_merge():
     """edm's merge kernel on CUDA equals the tomesd package's, same inputs and generator (up to
     the order of CUDA's atomic ``scatter_reduce``, which is not deterministic)."""
