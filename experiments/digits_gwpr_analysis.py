@@ -15,7 +15,10 @@ with) and the layer's output. Per layer it reports
   random cells of an s x s grid are ~0.52 s apart);
 * ``ink kept``: share of the kept tokens lying on the digit's strokes (final image, pooled to the
   layer's grid) vs the share of ink tokens in the grid (what random keeps on average);
-* ``step corr``: Spearman correlation of G-WPR scores between consecutive steps.
+* ``step corr``: Spearman correlation of G-WPR scores between consecutive steps;
+* ``bg mass`` / ``bg entropy``: attention mass on background (non-stroke) keys, and the entropy
+  of each row restricted to them (renormalised) / log(#background): 1 = every query treats all
+  background tokens alike -- identical keys, which no ranking can tell apart.
 
     python experiments/digits_gwpr_analysis.py --prompts 20 --prune-ratio 0.5
     python experiments/digits_gwpr_analysis.py --model layouts --checkpoint DIR --prompts 8
@@ -141,6 +144,13 @@ def main(argv=None) -> None:
         r["dist_random"].append(sum(_source_distance(A, kp, side) for kp in rand) / len(rand))
         ink = (F.adaptive_avg_pool2d(ink_full, side).flatten(1) > 0.5).float()  # [B, N]
         r["ink_kept"].append(float(ink.gather(1, keep).mean()))
+        bg = (1 - ink)[:, None, :]  # [B, 1, N]
+        Ab = A * bg
+        mass = Ab.sum(-1, keepdim=True)
+        P = Ab / mass.clamp_min(1e-12)
+        ent_bg = -(P.clamp_min(1e-12).log() * P).sum(-1) / bg.sum(-1).clamp_min(2).log()
+        r["bg_mass"].append(float(mass.mean()))
+        r["bg_entropy"].append(float(ent_bg.mean()))
         r["ink_all"].append(float(ink.mean()))
         if t > 0 and (name, t - 1) in maps:
             sp = gwpr(maps[name, t - 1])
@@ -150,8 +160,8 @@ def main(argv=None) -> None:
           f"random = mean of {args.random_draws} draws\n")
     print("| layer | tokens | entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
           "| refill err cosine | source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) "
-          "| step corr |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| step corr | bg mass | bg entropy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mean = lambda v: sum(v) / len(v) if v else float("nan")
     for name, _ in layers:
         r = rows[name]
@@ -162,7 +172,7 @@ def main(argv=None) -> None:
               f"{mean(r['refill_random']):.3f} | {mean(r['refill_cosine']):.3f} | "
               f"{mean(r['dist_gwpr']):.2f} | {mean(r['dist_random']):.2f} | "
               f"{mean(r['ink_kept']):.3f} | {mean(r['ink_all']):.3f} | "
-              f"{mean(r['step_corr']):.3f} |")
+              f"{mean(r['step_corr']):.3f} | {mean(r['bg_mass']):.3f} | {mean(r['bg_entropy']):.3f} |")
     phases = (("early (first third)", lambda t: t < steps // 3),
               ("late (last third)", lambda t: t >= steps - steps // 3))
     for ph, sel in phases:
