@@ -36,6 +36,21 @@ def test_render_puts_ink_only_in_occupied_cells_and_crops_follow_positions():
     assert (img == 0).float().mean() > 0.5
 
 
+def test_textured_background_keeps_the_digits_and_varies_under_them():
+    import pytest
+
+    lay = data.random_layouts(8, torch.Generator().manual_seed(2))
+    empty = data.render(lay, torch.Generator().manual_seed(3))
+    tex = data.render(lay, torch.Generator().manual_seed(3), background="texture")
+    bg = empty == 0
+    assert torch.equal(tex[~bg], torch.maximum(empty, tex)[~bg])  # same digits, same places
+    assert tex[bg].max() <= data.TEXTURE_MAX + 1e-6 and tex[bg].std() > 0.03  # varied, dim
+    bright = empty > data.TEXTURE_MAX
+    assert torch.equal(tex[bright], empty[bright])  # strokes are never dimmed or covered
+    with pytest.raises(ValueError, match="background"):
+        data.render(lay, torch.Generator(), background="noise")
+
+
 def test_every_prompt_fits_the_tokenizer():
     tok, cfg = default_tokenizer(), default_config()
     longest = data.layout_prompt((8, 8, 8, 8))

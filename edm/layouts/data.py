@@ -84,11 +84,22 @@ def cell_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, 0], y
 
 
-def render(layouts: torch.Tensor, g: torch.Generator, split: str = "train") -> torch.Tensor:
+BACKGROUNDS = ("empty", "texture")
+TEXTURE_MAX = 0.3  # brightest texture pixel: stroke pixels (> 0.5) stay apart from it
+
+
+def render(layouts: torch.Tensor, g: torch.Generator, split: str = "train",
+           background: str = "empty") -> torch.Tensor:
     """Scenes for ``layouts`` ``[n, 4]``: float ``[n, 1, 32, 32]`` in [0, 1].
 
     Each digit is a random image of its class from ``split``, at a random offset in its cell.
+    ``background="texture"`` (an experiment for issue 14, not the shipped model): a smooth random
+    field per scene (4x4 and 8x8 noise, bicubic to 32x32, in ``[0, TEXTURE_MAX]``) under the
+    digits, so background tokens differ from each other; drawn after every ``empty`` draw, so
+    the digits and offsets of a seed are the same with either background.
     """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     images, labels = cell_digits(split)
     pools = [torch.nonzero(labels == d).flatten() for d in range(10)]
     n = layouts.shape[0]
@@ -104,6 +115,11 @@ def render(layouts: torch.Tensor, g: torch.Generator, split: str = "train") -> t
             y0 = (c // 2) * CELL + int(off[i, c, 0])
             x0 = (c % 2) * CELL + int(off[i, c, 1])
             out[i, 0, y0 : y0 + DIGIT_SIZE, x0 : x0 + DIGIT_SIZE] = img
+    if background == "texture":
+        field = sum(F.interpolate(torch.rand(n, 1, r, r, generator=g), size=(CANVAS, CANVAS),
+                                  mode="bicubic", align_corners=False) for r in (4, 8)) / 2
+        lo, hi = field.amin((2, 3), keepdim=True), field.amax((2, 3), keepdim=True)
+        out = torch.maximum(out, (field - lo) / (hi - lo).clamp_min(1e-6) * TEXTURE_MAX)
     return out
 
 

@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "more of the mid-noise steps where a digit's identity is decided)")
     p.add_argument("--mask-padding", type=int, default=1, choices=[0, 1],
                    help="1 = the UNet's cross-attention skips the padding tokens (encoder_attention_mask)")
+    p.add_argument("--background", default="empty", choices=["empty", "texture"],
+                   help="texture: smooth random backgrounds (experiment: do differing background "
+                        "tokens make self-attention less uniform?)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="part of the recipe: results depend on it")
     p.add_argument("--log-every", type=int, default=100)
@@ -73,10 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def batch(bs: int, g: torch.Generator, p_uncond: float, max_objects: int = 4) -> tuple[torch.Tensor, list[str]]:
+def batch(bs: int, g: torch.Generator, p_uncond: float, max_objects: int = 4,
+          background: str = "empty") -> tuple[torch.Tensor, list[str]]:
     """Scenes in [-1, 1] and their prompts ("" with probability ``p_uncond``)."""
     layouts = random_layouts(bs, g, max_objects=max_objects)
-    x0 = render(layouts, g, "train") * 2 - 1
+    x0 = render(layouts, g, "train", background) * 2 - 1
     drop = torch.rand(bs, generator=g) < p_uncond
     prompts = ["" if d else layout_prompt(lay.tolist()) for lay, d in zip(layouts, drop)]
     return x0, prompts
@@ -117,7 +121,7 @@ def train(args: argparse.Namespace) -> dict:
              sum(p.numel() for p in params), args.steps, args.batch_size, args.threads)
     t0, cpu0, running = time.time(), time.process_time(), 0.0
     for step in range(args.stop_after or args.steps):
-        x0, prompts = batch(args.batch_size, g, args.p_uncond, args.max_objects)
+        x0, prompts = batch(args.batch_size, g, args.p_uncond, args.max_objects, args.background)
         if args.t_sampling == "uniform":
             t = torch.randint(T, (args.batch_size,), generator=g)
         else:
