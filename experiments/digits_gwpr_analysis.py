@@ -16,6 +16,8 @@ with) and the layer's output. Per layer it reports
 * ``ink kept``: share of the kept tokens lying on the digit's strokes (final image, pooled to the
   layer's grid) vs the share of ink tokens in the grid (what random keeps on average);
 * ``step corr``: Spearman correlation of G-WPR scores between consecutive steps;
+* ``logit std``: the spread of a row's attention logits ``q k / sqrt(d)`` (a softmax over logits
+  that differ by a few tenths is nearly uniform whatever the content);
 * ``bg mass`` / ``bg entropy``: attention mass on background (non-stroke) keys, and the entropy
   of each row restricted to them (renormalised) / log(#background): 1 = every query treats all
   background tokens alike -- identical keys, which no ranking can tell apart.
@@ -40,14 +42,17 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _attention_map(attn, h: torch.Tensor) -> torch.Tensor:
-    """Head-mean softmax(QK^T / sqrt(d)) of a diffusers self-attention on ``h`` [B, N, C]."""
+def _attention_map(attn, h: torch.Tensor, stats: list | None = None) -> torch.Tensor:
+    """Head-mean softmax(QK^T / sqrt(d)) of a diffusers self-attention on ``h`` [B, N, C];
+    appends the mean over rows of the std of a row's logits to ``stats``."""
     q, k = attn.to_q(h), attn.to_k(h)
     b, n, _ = q.shape
     q = q.view(b, n, attn.heads, -1).transpose(1, 2)
     k = k.view(b, n, attn.heads, -1).transpose(1, 2)
-    p = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
-    return p.mean(1)
+    logits = q @ k.transpose(-1, -2) * attn.scale
+    if stats is not None:
+        stats.append(float(logits.std(-1).mean()))
+    return torch.softmax(logits, dim=-1).mean(1)
 
 
 def _rankcorr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,6 +97,7 @@ def main(argv=None) -> None:
     height, width = pipe.sample_size
     step = {"i": -1}
     maps, outs, ins = {}, {}, {}  # (layer, step) -> cond-half map / output / attn1 input
+    logit_std = defaultdict(list)  # layer -> per-step row-logit spread
     hooks = [unet.register_forward_pre_hook(lambda m, a: step.__setitem__("i", step["i"] + 1))]
     layers = [(n, l) for blk in adapter(pipe).attention_blocks(unet) for n, l in blk.layers]
     for name, layer in layers:
@@ -99,7 +105,7 @@ def main(argv=None) -> None:
             h = a[0] if a else kw["hidden_states"]
             half = h.shape[0] // 2 if args.guidance > 1 else 0  # CFG: the conditional half
             with torch.no_grad():
-                maps[name, step["i"]] = _attention_map(mod, h[half:])
+                maps[name, step["i"]] = _attention_map(mod, h[half:], logit_std[name])
             ins[name, step["i"]] = h[half:].detach()
         def post(mod, a, out, name=name):
             y = out[0] if isinstance(out, tuple) else out
@@ -160,8 +166,8 @@ def main(argv=None) -> None:
           f"random = mean of {args.random_draws} draws\n")
     print("| layer | tokens | entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
           "| refill err cosine | source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) "
-          "| step corr | bg mass | bg entropy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| step corr | bg mass | bg entropy | logit std |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mean = lambda v: sum(v) / len(v) if v else float("nan")
     for name, _ in layers:
         r = rows[name]
@@ -172,7 +178,8 @@ def main(argv=None) -> None:
               f"{mean(r['refill_random']):.3f} | {mean(r['refill_cosine']):.3f} | "
               f"{mean(r['dist_gwpr']):.2f} | {mean(r['dist_random']):.2f} | "
               f"{mean(r['ink_kept']):.3f} | {mean(r['ink_all']):.3f} | "
-              f"{mean(r['step_corr']):.3f} | {mean(r['bg_mass']):.3f} | {mean(r['bg_entropy']):.3f} |")
+              f"{mean(r['step_corr']):.3f} | {mean(r['bg_mass']):.3f} | {mean(r['bg_entropy']):.3f} | "
+              f"{mean(logit_std[name]):.3f} |")
     phases = (("early (first third)", lambda t: t < steps // 3),
               ("late (last third)", lambda t: t >= steps - steps // 3))
     for ph, sel in phases:
