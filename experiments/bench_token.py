@@ -5,10 +5,9 @@ image: equal latent halves, different text halves), one UNet call per row and ro
 model share one model in one process; rows are alternated (the order rotates every round) so a
 load change on the shared machine hits every row alike. Speed-up = median over rounds of
 ``t_dense / t_row`` from the same round, for wall-clock time and for the thread's CPU time
-(``time.thread_time``; with one thread on an oversubscribed machine it excludes the time the
-process waits for a core, so it is the stabler of the two there). FLOPs are counted on the same architecture on the meta
-device at the same shapes (a late denoising step: DSAP off). Fused SDPA stays on for every layer
-that does not need a map; AT-EDM materialises maps only at its pruning layers.
+(``time.thread_time``: with one thread on an oversubscribed machine it excludes waiting for a
+core, the stabler of the two there). FLOPs: the same architecture on the meta device, same shapes
+(a late step: DSAP off). Fused SDPA stays on wherever no map is needed.
 
 Overhead breakdown (AT-EDM rows, ``profile=True``): ``map`` is the whole mapped ``attn1`` call
 of the pruning layers (projections, explicit map + output in one pass); ``fused`` is the same
@@ -159,11 +158,9 @@ ROWS: dict[str, Callable[[Bench], object]] = {
     # SD1.5 (after_self_attn): the output from P·V of the map instead of fused SDPA on the kept
     # rows (map_output=kept_fused, the default there); identical to at_edm on SDXL (after_ffn)
     "at_edm_reuse": _atedm(map_output="reuse"),
-    # the chunked PyTorch map instead of the triton kernels (map_kernel=auto picks triton on
-    # CUDA; on CPU this row is at_edm)
+    # the chunked PyTorch map the CUDA triton kernels replace (on CPU: = at_edm)
     "at_edm_torchmap": _atedm(map_kernel="torch"),
-    # "dagger": skip the highest-resolution attention level (SD1.5 512²: 64x64, downsample 1;
-    # SDXL 512²: 32x32, downsample 2), where the explicit maps are largest
+    # "dagger": no pruning at the finest attention level, where maps are largest (SD1.5 512²: 64x64)
     "at_edm_dagger": lambda bench: ATEDM(
         dsap=NO_DSAP,
         profile=_profile(bench),

@@ -296,22 +296,23 @@ def token_plot(by_exp, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def report_args(doc: str, runs: Path, argv=None) -> argparse.Namespace:
+    """The command line shared by the study-table scripts (``--collect``, ``--source``, ...)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--collect", action="store_true",
-                    help="copy the newest sweeps' metrics from --outputs into experiments/results/digits_runs first")
+                    help=f"copy the newest runs' metrics from --outputs into {runs} first")
     ap.add_argument("--outputs", default="outputs", help="Hydra output root (for --collect)")
-    ap.add_argument("--source", default=str(RUNS),
+    ap.add_argument("--source", default=str(runs),
                     help="folder of runs to render (default: the committed copies; or e.g. outputs/multirun)")
     ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    if args.collect:
-        collect(Path(args.outputs))
-    by_exp = load(Path(args.source))
-    out = Path(args.out)
+    return ap.parse_args(argv)
+
+
+def write_reports(out: Path, by_exp, reports) -> None:
+    """``<name>.md`` (keeping the text after :data:`MARK`) and ``<name>.png`` per
+    ``(name, md_fn, plot_fn)``; a plot that partial sweeps cannot draw is reported, not fatal."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, md_fn, plot_fn in (("digits_weight_quality", weight_md, weight_plot),
-                                 ("digits_token_quality", token_md, token_plot)):
+    for name, md_fn, plot_fn in reports:
         md_path, png = out / f"{name}.md", out / f"{name}.png"
         discussion = _keep_discussion(md_path, "\n## Discussion\n\n(to be written)\n")
         md_path.write_text(md_fn(by_exp, png) + "\n" + MARK + discussion)
@@ -320,6 +321,15 @@ def main(argv=None) -> None:
         except (KeyError, ValueError, TypeError) as e:  # partial sweeps: tables still render
             print(f"{png.name}: not plotted ({e})")
         print(f"wrote {md_path} and {png}")
+
+
+def main(argv=None) -> None:
+    args = report_args(__doc__, RUNS, argv)
+    if args.collect:
+        collect(Path(args.outputs))
+    write_reports(Path(args.out), load(Path(args.source)),
+                  (("digits_weight_quality", weight_md, weight_plot),
+                   ("digits_token_quality", token_md, token_plot)))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ Hand-written text after the ``<!-- discussion -->`` line of an existing .md is k
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from digits_tables import MARK, _f, _keep_discussion, experiment_of, load, run_file_name
+from digits_tables import _f, experiment_of, load, report_args, run_file_name, write_reports
 from tables import render_sweep, value_of
 
 RESULTS = HERE / "results"
@@ -258,28 +257,12 @@ def weight_plot(by_exp, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--collect", action="store_true",
-                    help="copy the runs' metrics from --outputs into experiments/results/layouts_runs first")
-    ap.add_argument("--outputs", default="outputs", help="Hydra output root (for --collect)")
-    ap.add_argument("--source", default=str(RUNS), help="folder of runs to render (default: the committed copies)")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
+    args = report_args(__doc__, RUNS, argv)
     if args.collect:
         collect(Path(args.outputs))
-    by_exp = load(Path(args.source), runs=RUNS)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, md_fn, plot_fn in (("layouts_token_quality", token_md, token_plot),
-                                 ("layouts_weight_quality", weight_md, weight_plot)):
-        md_path, png = out / f"{name}.md", out / f"{name}.png"
-        discussion = _keep_discussion(md_path, "\n## Discussion\n\n(to be written)\n")
-        md_path.write_text(md_fn(by_exp, png) + "\n" + MARK + discussion)
-        try:
-            plot_fn(by_exp, png)
-        except (KeyError, ValueError, TypeError) as e:  # partial sweeps: tables still render
-            print(f"{png.name}: not plotted ({e})")
-        print(f"wrote {md_path} and {png}")
+    write_reports(Path(args.out), load(Path(args.source), runs=RUNS),
+                  (("layouts_token_quality", token_md, token_plot),
+                   ("layouts_weight_quality", weight_md, weight_plot)))
 
 
 if __name__ == "__main__":
