@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="digits", choices=["digits", "layouts"], help="prompt set")
     ap.add_argument("--guidance", type=float, default=1.5, help="CFG scale of the sampled trajectories")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=float, default=0.0, help="layouts: LayoutPrompts(repeat=...), the copies model")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     if args.model == "layouts":
         from edm.data.layouts import LayoutPrompts
 
-        items = assign_seeds(LayoutPrompts(num_prompts=args.prompts).load(), 0)
+        items = assign_seeds(LayoutPrompts(num_prompts=args.prompts, repeat=args.repeat).load(), 0)
     else:
         items = assign_seeds(DigitPrompts(num_prompts=args.prompts).load(), 0)
     height, width = pipe.sample_size

@@ -7,6 +7,12 @@ scores them with ``eval=layouts`` (object / empty / scene accuracy, cell-feature
 real-vs-real floor), and reports how much of the canvas is background (pixels < 1/255, which is
 the share of first-level attention tokens, 1 token = 1 pixel) for real layouts scenes and for
 real digits (the 16x16 digits model's data).
+
+``--uniform-attention all`` (or comma-separated module-name parts, e.g. ``down_blocks.0``)
+replaces those self-attention layers' maps by uniform ones (each output row = the mean value
+row): if quality does not drop, the model does not use its self-attention, and no token
+selection rule can be told apart from another on it. ``--repeat P`` draws the prompts of a
+model trained with ``--copies`` (``LayoutPrompts(repeat=P)``; ``copy_err`` is then reported).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ def main(argv=None) -> None:
     ap.add_argument("--guidance", type=float, default=1.1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-objects", type=int, default=4, help="keep only prompts with at most N objects")
+    ap.add_argument("--uniform-attention", default="", help="'all' or comma-separated layer-name parts")
+    ap.add_argument("--repeat", type=float, default=0.0, help="LayoutPrompts(repeat=...)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -41,7 +49,16 @@ def main(argv=None) -> None:
     from edm.layouts.data import random_layouts, render
 
     pipe = DigitsLoader(args.checkpoint).load()
-    items = [it for it in LayoutPrompts(num_prompts=args.prompts).load()
+    if args.uniform_attention:
+        parts = args.uniform_attention.split(",")
+        hit = [n for n, m in pipe.unet.named_modules() if n.endswith("attn1")
+               and (parts == ["all"] or any(p in n for p in parts))]
+        if not hit:
+            raise SystemExit(f"--uniform-attention {args.uniform_attention!r} matches no attn1 module")
+        for n in hit:
+            pipe.unet.get_submodule(n).set_processor(UniformAttention())
+        print(f"uniform self-attention in {len(hit)} layers: {', '.join(hit)}")
+    items = [it for it in LayoutPrompts(num_prompts=args.prompts, repeat=args.repeat).load()
              if sum(d >= 0 for d in it.meta["layout"]) <= args.max_objects]
     out = Path(tempfile.mkdtemp(prefix="layouts_probe_"))
     for s in range(0, len(items), 50):
@@ -53,13 +70,29 @@ def main(argv=None) -> None:
             Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8)).save(image_path(out, it.index))
     metrics = LayoutsEval().evaluate(ImageSet(out, items))
     print(f"checkpoint {args.checkpoint}, {len(items)} prompts, CFG {args.guidance}, images in {out}")
-    for k in ("object_acc", "empty_acc", "scene_acc", "layout_fid", "layout_fid_floor"):
-        print(f"  {k}: {metrics[k]:.4f}")
+    for k in ("object_acc", "empty_acc", "scene_acc", "layout_fid", "layout_fid_floor", "copy_err",
+              "copy_err_independent"):
+        if k in metrics:
+            print(f"  {k}: {metrics[k]:.4f}")
     by_count(items, metrics["pred_cells"])
     real = render(random_layouts(1000, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1))
     digits = digit_images("train")[0]
     print(f"  background share (pixel < 1/255): layouts {float((real < 1 / 255).float().mean()):.3f}, "
           f"digits {float((digits < 1 / 255).float().mean()):.3f}")
+
+
+class UniformAttention:
+    """Self-attention processor with a uniform map: every query gets the mean value row."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is not None or hidden_states.ndim != 3:
+            raise ValueError("UniformAttention is for [B, N, C] self-attention (attn1) only")
+        v = attn.to_v(hidden_states)
+        out = attn.to_out[1](attn.to_out[0](v.mean(1, keepdim=True).expand_as(v)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
 
 
 def by_count(items, pred_cells) -> None:

@@ -11,7 +11,12 @@ reads each of the four cells of a 32x32 scene:
   generated cells and of the cells of held-out-digit reference scenes (random layouts of the
   training distribution, seeded), in units of the reference's RMS feature std (as ``digit_fid``);
 * ``layout_fid_floor``: the same for real train-digit scenes with exactly the evaluated
-  layouts (mean of 5 seeded draws) -- compare ``layout_fid`` with this, not with 0.
+  layouts (mean of 5 seeded draws) -- compare ``layout_fid`` with this, not with 0;
+* ``copy_err`` (only when some prompt names one digit in two or more cells): for each such pair
+  of cells, the mean absolute pixel difference of the two cells at their best relative shift
+  (within the jitter), averaged over pairs. The copies model's real scenes draw the digits of
+  one class as one image, so real scenes score 0; ``copy_err_independent`` is the same for
+  real scenes of these layouts with independently drawn digits: what ignoring the copy costs.
 """
 
 from __future__ import annotations
@@ -135,5 +140,33 @@ class LayoutsEval:
                 fids = [frechet_distance(*feature_stats(self.classify_cells(self._scenes(want, r, "train"))[0] / scale),
                                          *feature_stats(ref / scale)) for r in range(5)]
                 out["layout_fid_floor"] = float(np.mean(fids))
+            pairs = same_digit_pairs(want)
+            if len(pairs):
+                scenes = torch.cat(batches)[known]
+                out["copy_err"] = copy_error(scenes, pairs)
+                out["copy_err_independent"] = copy_error(self._scenes(want, 7, "train"), pairs)
         out["pred_cells"] = [float(v) for v in pred.flatten().tolist()]
         return out
+
+
+def same_digit_pairs(layouts: torch.Tensor) -> torch.Tensor:
+    """``[n, 4]`` layouts -> ``[P, 3]`` rows ``(scene, cell a, cell b)``, ``a < b``, same digit."""
+    from edm.layouts.data import EMPTY
+
+    rows = [(i, a, b) for i, lay in enumerate(layouts.tolist()) for a in range(4) for b in range(a + 1, 4)
+            if lay[a] != EMPTY and lay[a] == lay[b]]
+    return torch.tensor(rows, dtype=torch.long).view(-1, 3)
+
+
+def copy_error(scenes: torch.Tensor, pairs: torch.Tensor) -> float:
+    """Mean over ``pairs`` of min over shifts ``|dy|, |dx| <= JITTER`` of the mean absolute
+    difference between cell ``a`` shifted (zero fill) and cell ``b`` of scenes ``[n, 1, 32, 32]``."""
+    from edm.layouts.data import CELL, JITTER, cell_crops
+
+    cells = cell_crops(scenes).view(-1, 4, CELL, CELL)
+    a, b = cells[pairs[:, 0], pairs[:, 1]], cells[pairs[:, 0], pairs[:, 2]]
+    padded = torch.nn.functional.pad(a, (JITTER,) * 4)
+    span = range(2 * JITTER + 1)
+    diffs = torch.stack([(padded[:, y : y + CELL, x : x + CELL] - b).abs().mean((1, 2))
+                         for y in span for x in span], 1)
+    return diffs.amin(1).mean().item()

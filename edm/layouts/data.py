@@ -41,6 +41,7 @@ __all__ = [
     "quantize",
     "random_layouts",
     "render",
+    "repeat_digits",
 ]
 
 
@@ -75,6 +76,16 @@ def random_layouts(n: int, g: torch.Generator, min_objects: int = 1, max_objects
     return torch.where(keep, digits, torch.full_like(digits, EMPTY))
 
 
+def repeat_digits(layouts: torch.Tensor, g: torch.Generator, p: float) -> torch.Tensor:
+    """With probability ``p`` per scene, every digit of it becomes the scene's first digit
+    (``(3, -1, 5, 7)`` -> ``(3, -1, 3, 3)``): the scenes of the ``copies`` recipe, in which
+    :func:`render` draws same-class digits as one instance."""
+    same = torch.rand(layouts.shape[0], generator=g) < p
+    present = layouts != EMPTY
+    first = layouts.gather(1, present.int().argmax(1, keepdim=True))  # first non-empty cell
+    return torch.where(same.view(-1, 1) & present, first.expand_as(layouts), layouts)
+
+
 @functools.lru_cache(maxsize=2)
 def cell_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The split's digits at ``DIGIT_SIZE`` ([N, 12, 12] in [0, 1]) and their labels."""
@@ -89,7 +100,7 @@ TEXTURE_MAX = 0.3  # brightest texture pixel: stroke pixels (> 0.5) stay apart f
 
 
 def render(layouts: torch.Tensor, g: torch.Generator, split: str = "train",
-           background: str = "empty") -> torch.Tensor:
+           background: str = "empty", copies: bool = False) -> torch.Tensor:
     """Scenes for ``layouts`` ``[n, 4]``: float ``[n, 1, 32, 32]`` in [0, 1].
 
     Each digit is a random image of its class from ``split``, at a random offset in its cell.
@@ -97,6 +108,11 @@ def render(layouts: torch.Tensor, g: torch.Generator, split: str = "train",
     field per scene (4x4 and 8x8 noise, bicubic to 32x32, in ``[0, TEXTURE_MAX]``) under the
     digits, so background tokens differ from each other; drawn after every ``empty`` draw, so
     the digits and offsets of a seed are the same with either background.
+
+    ``copies=True`` (the copies experiment of issue 14): the digits of one class in a scene are
+    one image (each at its own offset), so the second copy's strokes are fixed by the first one
+    16 pixels away -- a dependency no convolution at the first levels spans and self-attention
+    can. Same draws as without, so only the repeated digits' images change.
     """
     if background not in BACKGROUNDS:
         raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
@@ -111,7 +127,8 @@ def render(layouts: torch.Tensor, g: torch.Generator, split: str = "train",
             d = int(layouts[i, c])
             if d == EMPTY:
                 continue
-            img = images[pools[d][int(pick[i, c]) % len(pools[d])]]
+            src = next(j for j in range(4) if int(layouts[i, j]) == d) if copies else c
+            img = images[pools[d][int(pick[i, src]) % len(pools[d])]]
             y0 = (c // 2) * CELL + int(off[i, c, 0])
             x0 = (c % 2) * CELL + int(off[i, c, 1])
             out[i, 0, y0 : y0 + DIGIT_SIZE, x0 : x0 + DIGIT_SIZE] = img

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from edm.digits.components import UNET_PRESETS, build_components, save_checkpoint
 from edm.digits.train import lr_at
 from edm.layouts.components import default_config
-from edm.layouts.data import layout_prompt, random_layouts, render
+from edm.layouts.data import layout_prompt, random_layouts, render, repeat_digits
 from edm.methods.weight.finetune import training_target
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--background", default="empty", choices=["empty", "texture"],
                    help="texture: smooth random backgrounds (experiment: do differing background "
                         "tokens make self-attention less uniform?)")
+    p.add_argument("--copies", type=float, default=0.0,
+                   help="experiment: > 0 draws same-class digits of a scene as one image (copies)\n"
+                        "and makes a scene's digits all one class with this probability")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="part of the recipe: results depend on it")
     p.add_argument("--log-every", type=int, default=100)
@@ -77,10 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def batch(bs: int, g: torch.Generator, p_uncond: float, max_objects: int = 4,
-          background: str = "empty") -> tuple[torch.Tensor, list[str]]:
+          background: str = "empty", copies: float = 0.0) -> tuple[torch.Tensor, list[str]]:
     """Scenes in [-1, 1] and their prompts ("" with probability ``p_uncond``)."""
     layouts = random_layouts(bs, g, max_objects=max_objects)
-    x0 = render(layouts, g, "train", background) * 2 - 1
+    if copies:  # no extra draws otherwise: the shipped recipe's stream stays as it was
+        layouts = repeat_digits(layouts, g, copies)
+    x0 = render(layouts, g, "train", background, copies=copies > 0) * 2 - 1
     drop = torch.rand(bs, generator=g) < p_uncond
     prompts = ["" if d else layout_prompt(lay.tolist()) for lay, d in zip(layouts, drop)]
     return x0, prompts
@@ -121,7 +126,8 @@ def train(args: argparse.Namespace) -> dict:
              sum(p.numel() for p in params), args.steps, args.batch_size, args.threads)
     t0, cpu0, running = time.time(), time.process_time(), 0.0
     for step in range(args.stop_after or args.steps):
-        x0, prompts = batch(args.batch_size, g, args.p_uncond, args.max_objects, args.background)
+        x0, prompts = batch(args.batch_size, g, args.p_uncond, args.max_objects, args.background,
+                           args.copies)
         if args.t_sampling == "uniform":
             t = torch.randint(T, (args.batch_size,), generator=g)
         else:

@@ -1,0 +1,79 @@
+"""The copies experiment of issue 14: scenes whose same-class digits are one image, and the
+``copy_err`` metric that scores whether a model reproduces that long-range dependency."""
+
+import pytest
+import torch
+
+from edm.layouts import data
+
+
+def test_repeat_digits_makes_whole_scenes_one_class_and_keeps_empty_cells():
+    g = torch.Generator().manual_seed(0)
+    lay = data.random_layouts(400, g)
+    rep = data.repeat_digits(lay, g, 0.5)
+    assert torch.equal(rep == data.EMPTY, lay == data.EMPTY)
+    one_class = torch.tensor([len({v for v in row if v != data.EMPTY}) == 1 for row in rep.tolist()])
+    multi = (lay != data.EMPTY).sum(1) > 1
+    changed = (rep != lay).any(1)
+    assert 0.35 < one_class[multi].float().mean() < 0.75  # ~half (plus chance repeats)
+    assert one_class[changed].all()
+    assert torch.equal(data.repeat_digits(lay, torch.Generator(), 0.0), lay)
+
+
+def test_copies_render_draws_one_image_per_class_and_changes_nothing_else():
+    from edm.eval.layouts import copy_error, same_digit_pairs
+
+    lay = torch.tensor([[3, -1, 3, 3], [5, 1, -1, 2], [7, 7, -1, -1]])
+    pairs = same_digit_pairs(lay)
+    assert pairs.tolist() == [[0, 0, 2], [0, 0, 3], [0, 2, 3], [2, 0, 1]]
+    copies = data.render(lay, torch.Generator().manual_seed(4), copies=True)
+    plain = data.render(lay, torch.Generator().manual_seed(4))
+    assert copy_error(copies, pairs) == 0.0  # the same image at another offset: exact at the best shift
+    assert copy_error(plain, pairs) > 0.02  # two random sevens differ
+    cells_c, cells_p = data.cell_crops(copies).view(3, 4, 16, 16), data.cell_crops(plain).view(3, 4, 16, 16)
+    assert torch.equal(cells_c[1], cells_p[1])  # no repeated class: identical to the plain render
+    assert torch.equal(cells_c[:, 0], cells_p[:, 0])  # the first instance of a class is the plain one
+
+
+def test_copy_error_sees_a_shifted_copy_as_equal_and_a_blank_cell_as_different():
+    from edm.eval.layouts import copy_error
+
+    img = torch.zeros(1, 1, 32, 32)
+    digit = data.cell_digits("train")[0][0]
+    img[0, 0, 1:13, 2:14] = digit
+    img[0, 0, 19:31, 16:28] = digit  # bottom right, another offset inside its cell
+    pair = torch.tensor([[0, 0, 3]])
+    assert copy_error(img, pair) == pytest.approx(0.0, abs=1e-7)
+    img[0, 0, 16:, 16:] = 0
+    # against a blank cell the best shift can only push some ink out of the cell (zero fill)
+    assert 0.3 * float(digit.sum()) / 256 < copy_error(img, pair) <= float(digit.sum()) / 256
+
+
+def test_layout_prompts_repeat_knob_changes_only_repeated_items_and_checks_its_range():
+    from edm.data.layouts import LayoutPrompts
+    from edm.errors import ConfigError
+
+    base, rep = LayoutPrompts(num_prompts=40).load(), LayoutPrompts(num_prompts=40, repeat=1.0).load()
+    for a, b in zip(base, rep):
+        la, lb = a.meta["layout"], b.meta["layout"]
+        assert [v == -1 for v in la] == [v == -1 for v in lb]
+        assert len({v for v in lb if v != -1}) == 1
+        assert lb[next(i for i, v in enumerate(la) if v != -1)] == next(v for v in la if v != -1)
+    assert [it.prompt for it in LayoutPrompts(num_prompts=40, repeat=0.0).load()] == [it.prompt for it in base]
+    with pytest.raises(ConfigError, match="data.repeat"):
+        LayoutPrompts(repeat=1.5)
+
+
+def test_copies_training_flag_changes_the_batches_and_stays_deterministic():
+    from edm.layouts.train import batch
+
+    def draw(copies):
+        return batch(8, torch.Generator().manual_seed(0), 0.0, copies=copies)
+
+    x0, p0 = draw(0.0)
+    x1, p1 = draw(1.0)
+    assert torch.equal(x1, draw(1.0)[0]) and p1 == draw(1.0)[1]
+    assert not torch.equal(x0, x1)
+    for prompt in p1:  # every scene names one digit word only
+        words = {w for w in prompt.split() if w in ("zero one two three four five six seven eight nine").split()}
+        assert len(words) == 1
