@@ -5,6 +5,8 @@ reads the head-mean self-attention map of the conditional CFG half (the map AT-E
 with) and the layer's output. Per layer it reports
 
 * ``entropy``: mean row entropy of the map / log N (1 = uniform attention, 0 = one-hot);
+  ``ink-row entropy``: the same over the rows whose query lies on a stroke only (the rows a
+  long-range dependency between objects would sharpen; background rows dominate the mean);
 * ``top-k mass``: share of the G-WPR score held by the kept tokens (random keeps k/N of it);
 * ``refill err``: ``||y - refill(y[keep])|| / ||y||`` of the layer output when the pruned tokens
   are replaced by a copy of the kept token they attend to most -- AT-EDM's refill, applied to the
@@ -131,8 +133,8 @@ def main(argv=None) -> None:
         k = keep_count(n, args.prune_ratio)
         r = rows[name]
         r["N"] = [n]
-        ent = -(A.clamp_min(1e-12).log() * A).sum(-1).mean() / math.log(n)
-        r["entropy"].append(float(ent))
+        ent_rows = -(A.clamp_min(1e-12).log() * A).sum(-1) / math.log(n)  # [B, N]
+        r["entropy"].append(float(ent_rows.mean()))
         s = gwpr(A)
         keep = keep_indices(s, k)
         r["topk_mass"].append(float(s.gather(1, keep).sum(-1).mean()))
@@ -151,6 +153,8 @@ def main(argv=None) -> None:
         r["dist_random"].append(sum(_source_distance(A, kp, side) for kp in rand) / len(rand))
         ink = (F.adaptive_avg_pool2d(ink_full, side).flatten(1) > 0.5).float()  # [B, N]
         r["ink_kept"].append(float(ink.gather(1, keep).mean()))
+        if ink.sum() > 0:
+            r["ink_entropy"].append(float((ent_rows * ink).sum() / ink.sum()))
         bg = (1 - ink)[:, None, :]  # [B, 1, N]
         Ab = A * bg
         mass = Ab.sum(-1, keepdim=True)
@@ -165,16 +169,17 @@ def main(argv=None) -> None:
 
     print(f"{args.model} model, {args.prompts} prompts x {steps} steps, prune_ratio {args.prune_ratio}, "
           f"random = mean of {args.random_draws} draws\n")
-    print("| layer | tokens | entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
+    print("| layer | tokens | entropy | ink-row entropy | top-k mass (random = k/N) | refill err G-WPR | refill err random "
           "| refill err cosine | source dist G-WPR | source dist random | ink kept G-WPR | ink share (random) "
           "| step corr | bg mass | bg entropy | logit std |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mean = lambda v: sum(v) / len(v) if v else float("nan")
     for name, _ in layers:
         r = rows[name]
         n = r["N"][0]
         k = keep_count(n, args.prune_ratio)
         print(f"| {name} | {math.isqrt(n)}x{math.isqrt(n)} | {mean(r['entropy']):.3f} | "
+              f"{mean(r['ink_entropy']):.3f} | "
               f"{mean(r['topk_mass']):.3f} ({k / n:.3f}) | {mean(r['refill_gwpr']):.3f} | "
               f"{mean(r['refill_random']):.3f} | {mean(r['refill_cosine']):.3f} | "
               f"{mean(r['dist_gwpr']):.2f} | {mean(r['dist_random']):.2f} | "
