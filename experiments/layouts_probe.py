@@ -13,6 +13,8 @@ replaces those self-attention layers' maps by uniform ones (each output row = th
 row): if quality does not drop, the model does not use its self-attention, and no token
 selection rule can be told apart from another on it. ``--repeat P`` draws the prompts of a
 model trained with ``--copies`` (``LayoutPrompts(repeat=P)``; ``copy_err`` is then reported).
+``--digits`` runs the same generation and ablation on the 16x16 digits model instead (its
+prompts, ``eval=digits``; ``--checkpoint`` defaults to the shipped one, use ``--guidance 1.5``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (required for layouts)")
+    ap.add_argument("--digits", action="store_true", help="the digits model, its prompts and eval")
     ap.add_argument("--prompts", type=int, default=200)
     ap.add_argument("--guidance", type=float, default=1.1)
     ap.add_argument("--threads", type=int, default=1)
@@ -48,6 +51,8 @@ def main(argv=None) -> None:
     from edm.eval.layouts import LayoutsEval
     from edm.layouts.data import random_layouts, render
 
+    if not (args.checkpoint or args.digits):
+        raise SystemExit("--checkpoint is required for the layouts model")
     pipe = DigitsLoader(args.checkpoint).load()
     if args.uniform_attention:
         parts = args.uniform_attention.split(",")
@@ -58,8 +63,15 @@ def main(argv=None) -> None:
         for n in hit:
             pipe.unet.get_submodule(n).set_processor(UniformAttention())
         print(f"uniform self-attention in {len(hit)} layers: {', '.join(hit)}")
-    items = [it for it in LayoutPrompts(num_prompts=args.prompts, repeat=args.repeat).load()
-             if sum(d >= 0 for d in it.meta["layout"]) <= args.max_objects]
+    if args.digits:
+        from edm.data.digits import DigitPrompts
+        from edm.data.prompts import assign_seeds
+        from edm.eval.digits import DigitsEval
+
+        items = assign_seeds(DigitPrompts(num_prompts=args.prompts).load(), 0)
+    else:
+        items = [it for it in LayoutPrompts(num_prompts=args.prompts, repeat=args.repeat).load()
+                 if sum(d >= 0 for d in it.meta["layout"]) <= args.max_objects]
     out = Path(tempfile.mkdtemp(prefix="layouts_probe_"))
     for s in range(0, len(items), 50):
         chunk = items[s : s + 50]
@@ -68,6 +80,13 @@ def main(argv=None) -> None:
                         generator=[torch.Generator().manual_seed(it.index) for it in chunk]).images
         for it, x in zip(chunk, imgs):
             Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8)).save(image_path(out, it.index))
+    if args.digits:
+        metrics = DigitsEval().evaluate(ImageSet(out, items))
+        print(f"digits checkpoint {args.checkpoint or '(shipped)'}, {len(items)} prompts, CFG {args.guidance}")
+        for k, v in metrics.items():
+            if isinstance(v, float):
+                print(f"  {k}: {v:.4f}")
+        return
     metrics = LayoutsEval().evaluate(ImageSet(out, items))
     print(f"checkpoint {args.checkpoint}, {len(items)} prompts, CFG {args.guidance}, images in {out}")
     for k in ("object_acc", "empty_acc", "scene_acc", "layout_fid", "layout_fid_floor", "copy_err",
