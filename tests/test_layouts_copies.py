@@ -77,3 +77,21 @@ def test_copies_training_flag_changes_the_batches_and_stays_deterministic():
     for prompt in p1:  # every scene names one digit word only
         words = {w for w in prompt.split() if w in ("zero one two three four five six seven eight nine").split()}
         assert len(words) == 1
+
+
+def test_qk_init_scale_multiplies_only_self_attention_logits():
+    from edm.digits.components import build_components
+    from edm.layouts.components import default_config
+    from edm.layouts.train import scale_self_attention_qk
+
+    unet = build_components(default_config(), seed=0)["unet"]
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    h = torch.randn(1, 16, attn.attn1.to_q.in_features)
+
+    def logits(a):
+        return a.to_q(h) @ a.to_k(h).transpose(-1, -2)
+
+    before, cross = logits(attn.attn1), attn.attn2.to_q.weight.clone()
+    assert scale_self_attention_qk(unet, 3.0) == 7  # every pruning layer of the layouts UNet
+    torch.testing.assert_close(logits(attn.attn1), before * 9)
+    assert torch.equal(attn.attn2.to_q.weight, cross)  # cross-attention untouched

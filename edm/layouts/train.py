@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--copies", type=float, default=0.0,
                    help="experiment: > 0 draws same-class digits of a scene as one image (copies)\n"
                         "and makes a scene's digits all one class with this probability")
+    p.add_argument("--qk-init-scale", type=float, default=1.0,
+                   help="experiment: multiply the self-attention query and key weights by this at\n"
+                        "init (logits x scale^2: do peaked maps from the start survive training?)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="part of the recipe: results depend on it")
     p.add_argument("--log-every", type=int, default=100)
@@ -91,6 +94,17 @@ def batch(bs: int, g: torch.Generator, p_uncond: float, max_objects: int = 4,
     return x0, prompts
 
 
+@torch.no_grad()
+def scale_self_attention_qk(unet: torch.nn.Module, scale: float) -> int:
+    """Multiply every self-attention's (``attn1``) query and key weights by ``scale``, so its
+    logits grow by ``scale**2``; returns how many layers were changed."""
+    layers = [m for n, m in unet.named_modules() if n.endswith("attn1")]
+    for m in layers:
+        m.to_q.weight.mul_(scale)
+        m.to_k.weight.mul_(scale)
+    return len(layers)
+
+
 def train(args: argparse.Namespace) -> dict:
     """Train and save; returns the config written to ``config.json``."""
     torch.set_num_threads(args.threads)
@@ -111,6 +125,8 @@ def train(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             for w in emb:
                 w.copy_(torch.randn(w.shape, generator=ge) * args.embed_std)
+    if args.qk_init_scale != 1.0:
+        scale_self_attention_qk(unet, args.qk_init_scale)
     unet.train()
     enc.train().requires_grad_(True)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": enc})
