@@ -44,19 +44,6 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _attention_map(attn, h: torch.Tensor, stats: list | None = None) -> torch.Tensor:
-    """Head-mean softmax(QK^T / sqrt(d)) of a diffusers self-attention on ``h`` [B, N, C];
-    appends the mean over rows of the std of a row's logits to ``stats``."""
-    q, k = attn.to_q(h), attn.to_k(h)
-    b, n, _ = q.shape
-    q = q.view(b, n, attn.heads, -1).transpose(1, 2)
-    k = k.view(b, n, attn.heads, -1).transpose(1, 2)
-    logits = q @ k.transpose(-1, -2) * attn.scale
-    if stats is not None:
-        stats.append(float(logits.std(-1).mean()))
-    return torch.softmax(logits, dim=-1).mean(1)
-
-
 def _rankcorr(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -79,6 +66,7 @@ def main(argv=None) -> None:
     from edm.data.digits import DigitPrompts
     from edm.data.prompts import assign_seeds
     from edm.digits import DigitsLoader
+    from edm.eval.attention_stats import row_entropy, self_attention_map
     from edm.families import adapter
     from edm.methods.token.atedm_kernel import (
         assign_by_attention,
@@ -108,7 +96,7 @@ def main(argv=None) -> None:
             h = a[0] if a else kw["hidden_states"]
             half = h.shape[0] // 2 if args.guidance > 1 else 0  # CFG: the conditional half
             with torch.no_grad():
-                maps[name, step["i"]] = _attention_map(mod, h[half:], logit_std[name])
+                maps[name, step["i"]] = self_attention_map(mod, h[half:], logit_std[name])
             ins[name, step["i"]] = h[half:].detach()
         def post(mod, a, out, name=name):
             y = out[0] if isinstance(out, tuple) else out
@@ -133,7 +121,7 @@ def main(argv=None) -> None:
         k = keep_count(n, args.prune_ratio)
         r = rows[name]
         r["N"] = [n]
-        ent_rows = -(A.clamp_min(1e-12).log() * A).sum(-1) / math.log(n)  # [B, N]
+        ent_rows = row_entropy(A)  # [B, N]
         r["entropy"].append(float(ent_rows.mean()))
         s = gwpr(A)
         keep = keep_indices(s, k)

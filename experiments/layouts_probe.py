@@ -56,8 +56,10 @@ def main(argv=None) -> None:
     pipe = DigitsLoader(args.checkpoint).load()
     if args.uniform_attention:
         parts = args.uniform_attention.split(",")
-        hit = [n for n, m in pipe.unet.named_modules() if n.endswith("attn1")
-               and (parts == ["all"] or any(p in n for p in parts))]
+        from edm.families import adapter
+
+        layers = [f"{n}.attn1" for blk in adapter(pipe).attention_blocks(pipe.unet) for n, _ in blk.layers]
+        hit = [n for n in layers if parts == ["all"] or any(p in n for p in parts)]
         if not hit:
             raise SystemExit(f"--uniform-attention {args.uniform_attention!r} matches no attn1 module")
         for n in hit:

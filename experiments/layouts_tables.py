@@ -14,6 +14,11 @@ Reads the runs of the ``layouts_*`` experiments from Hydra's output folders (aft
     python experiments/layouts_tables.py --collect    # copy metrics from outputs/ into the repo, render
     python experiments/layouts_tables.py              # render from the committed copies
 
+``--model qk3`` does the same for the checkpoint whose self-attention matters
+(``experiments/checkpoints/layouts_qk3``, issue 14): runs in ``experiments/results/layouts_qk3_runs/``,
+reports ``layouts_qk3_*.md/.png``, commands with its overrides; collect its runs from their own
+output folder (``--outputs``), as every layouts run found there is copied.
+
 Hand-written text after the ``<!-- discussion -->`` line of an existing .md is kept on re-render.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +36,19 @@ from tables import render_sweep, value_of
 
 RESULTS = HERE / "results"
 RUNS = RESULTS / "layouts_runs"
+# which weights a set of studies ran on: runs folder, report prefix, overrides every command adds,
+# and the sentence that says what the model is
+PROFILES = {
+    "layouts": {"runs": RUNS, "prefix": "layouts", "extra": "",
+                "about": ("the shipped weights, `edm/layouts/weights`; its self-attention is nearly uniform and "
+                          "unused, see `layouts_premeasure.md`")},
+    "qk3": {"runs": RESULTS / "layouts_qk3_runs", "prefix": "layouts_qk3",
+            "extra": "model.loader.checkpoint=experiments/checkpoints/layouts_qk3 data.repeat=0.5",
+            "about": ("the checkpoint whose self-attention matters, `experiments/checkpoints/layouts_qk3`: "
+                      "`python -m edm.layouts.train --copies 0.5 --qk-init-scale 3`; prompts with `data.repeat=0.5`"
+                      " (half the scenes' digits one class, drawn as copies); `eval/copy_err` is 0 for exact "
+                      "copies, `eval/copy_err_independent` the same error between independently drawn digits")},
+}
 TOKEN = ("layouts_token_quality", "layouts_token_tome")
 WEIGHT = ("layouts_weight_quality",)
 DENSE = "layouts_dense"
@@ -40,22 +59,22 @@ QUALITY = (("eval/object_acc", "per-object accuracy: digit and cell right (highe
            ("eval/scene_acc", "scene accuracy: every cell of the prompt right (higher is better)"),
            ("eval/empty_acc", "empty-cell accuracy: no digit drawn where the prompt names none"),
            ("eval/layout_fid", "cell-feature FID (lower is better)"))
-COMMANDS = {
-    "layouts_dense": "python run.py experiment=layouts_dense gen.progress=False logger=none",
-    "layouts_token_quality": "python run.py experiment=layouts_token_quality gen.progress=False logger=none",
+COMMANDS = {  # {x}: the profile's extra overrides
+    "layouts_dense": "python run.py experiment=layouts_dense{x} gen.progress=False logger=none",
+    "layouts_token_quality": "python run.py experiment=layouts_token_quality{x} gen.progress=False logger=none",
     "cosine": ("python run.py experiment=layouts_token_quality method.selection=gwpr "
-               "method.assignment=cosine gen.progress=False logger=none"),
+               "method.assignment=cosine{x} gen.progress=False logger=none"),
     "random_cosine": ("python run.py experiment=layouts_token_quality method.selection=random "
-                      "method.assignment=cosine gen.progress=False logger=none"),
+                      "method.assignment=cosine{x} gen.progress=False logger=none"),
     "nodsap": ("python run.py experiment=layouts_token_quality method.selection=gwpr "
-               "method.dsap.enabled=false gen.progress=False logger=none"),
-    "layouts_token_tome": "python run.py experiment=layouts_token_tome gen.progress=False logger=none",
-    "layouts_weight_quality": "python run.py experiment=layouts_weight_quality gen.progress=False logger=none",
+               "method.dsap.enabled=false{x} gen.progress=False logger=none"),
+    "layouts_token_tome": "python run.py experiment=layouts_token_tome{x} gen.progress=False logger=none",
+    "layouts_weight_quality": "python run.py experiment=layouts_weight_quality{x} gen.progress=False logger=none",
 }
 
 
-def collect(outputs: Path) -> None:
-    """Copy every complete layouts run under ``outputs`` into ``RUNS`` (no images; newest wins)."""
+def collect(outputs: Path, runs: Path = RUNS) -> None:
+    """Copy every complete layouts run under ``outputs`` into ``runs`` (no images; newest wins)."""
     n: dict[str, int] = {}
     for p in sorted(outputs.rglob("metrics.json"), key=lambda p: p.stat().st_mtime):
         try:
@@ -66,14 +85,15 @@ def collect(outputs: Path) -> None:
         if exp not in TOKEN + WEIGHT + (DENSE,) or rec["run"].get("missing_images") != 0 \
                 or "eval/object_acc" not in rec.get("metrics", {}):
             continue
-        dest = RUNS / exp
+        dest = runs / exp
         dest.mkdir(parents=True, exist_ok=True)
         (dest / run_file_name(rec)).write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
         n[exp] = n.get(exp, 0) + 1
     for exp, k in sorted(n.items()):
-        print(f"{exp}: {k} runs -> {RUNS / exp}")
+        print(f"{exp}: {k} runs -> {runs / exp}")
     # every copied run (also those of earlier --collect calls, e.g. from another output root)
-    samples_png([r for rs in load(RUNS, runs=RUNS).values() for r in rs], RESULTS / "layouts_samples.png")
+    prefix = next((k["prefix"] for k in PROFILES.values() if k["runs"] == runs), "layouts")
+    samples_png([r for rs in load(runs, runs=runs).values() for r in rs], RESULTS / f"{prefix}_samples.png")
 
 
 # (label, experiment, overrides the run must have): the rows of the samples picture
@@ -129,18 +149,20 @@ def _dense(by_exp) -> dict | None:
     return hits[-1] if hits else None
 
 
-def _header(title: str, commands: list[str], runs: list[dict]) -> list[str]:
+def _header(title: str, commands: list[str], runs: list[dict], profile: dict) -> list[str]:
     n = sorted({r["run"]["num_items"] for r in runs})
     return [
         f"# {title}", "",
         ("Embedded layouts model (`model=layouts`: 1-4 digits at named cells of a 2x2 grid on a 32x32 "
-         "canvas, 1024 tokens at the first attention level, 25 DDIM steps, CFG 1.1), "
+         "canvas, 1024 tokens at the first attention level, 25 DDIM steps, CFG 1.1; "
+         f"{profile['about']}), "
          f"{'/'.join(map(str, n))} prompts per run (50 per object count, seed 0), `threads=1`, on a "
          "2-core CPU shared with other jobs. Metrics from `conf/eval/layouts.yaml`: a cell classifier "
          "reads each of the four cells (digit or empty); `eval/layout_fid` is the FID of its cell "
          "features (`layout_fid_floor`: real scenes vs the held-out reference)."),
         "", "Produced by:", "", "```", *commands,
-        "python experiments/layouts_tables.py --collect   # copies metrics to experiments/results/layouts_runs/",
+        (f"python experiments/layouts_tables.py{_model_flag(profile)} --collect   # copies metrics to "
+         f"experiments/results/{profile['runs'].name}/"),
         "```", ""]
 
 
@@ -180,18 +202,36 @@ def _token_records(by_exp) -> list[dict]:
     return out
 
 
-def token_md(by_exp, plot_path: Path) -> str:
+def _model_flag(profile: dict) -> str:
+    return "".join(f" --model {k}" for k, v in PROFILES.items() if v is profile and k != "layouts")
+
+
+def _commands(profile: dict, *keys: str) -> list[str]:
+    x = f" {profile['extra']}" if profile["extra"] else ""
+    return [COMMANDS[k].format(x=x) for k in keys]
+
+
+def _quality(recs: list[dict]) -> tuple:
+    """:data:`QUALITY`, plus the copy error where the runs measured it (prompts with ``data.repeat``)."""
+    if any("eval/copy_err" in r["metrics"] for r in recs):
+        return QUALITY + (("eval/copy_err", "copy error: same-class digits of a scene, mean abs. pixel "
+                           "difference (0 = exact copies)"),)
+    return QUALITY
+
+
+def token_md(by_exp, plot_path: Path, profile: dict = PROFILES["layouts"]) -> str:
     recs = _token_records(by_exp)
-    cmds = [COMMANDS[k] for k in ("layouts_dense", "layouts_token_quality", "cosine", "random_cosine", "nodsap",
-                                  "layouts_token_tome")]
-    lines = _header("Token pruning on the embedded layouts model", cmds, recs or [{"run": {"num_items": 0}}])
+    cmds = _commands(profile, "layouts_dense", "layouts_token_quality", "cosine", "random_cosine", "nodsap",
+                     "layouts_token_tome")
+    lines = _header("Token pruning on the embedded layouts model", cmds, recs or [{"run": {"num_items": 0}}],
+                    profile)
     lines += _dense_line(_dense(by_exp))
     lines += [("Columns: AT-EDM `method.prune_ratio`. ToMe rows sit in the column whose AT-EDM (G-WPR, "
                "attention refill, DSAP) FLOPs they match within 0.5 % (ToMe ratio "
                + "/".join(map(str, TOME_MATCH)) + " -> " + "/".join(map(str, TOME_MATCH.values()))
                + "); the GFLOPs table shows every run's measured value."), ""]
     if recs:
-        for key, what in QUALITY + (("perf/gflops_per_step",
+        for key, what in _quality(recs) + (("perf/gflops_per_step",
                                      "GFLOPs per step, measured (CFG batch of 2, trajectory mean)"),):
             lines += [render_sweep(recs, "variant", "prune_ratio", key, what), ""]
     else:
@@ -200,14 +240,14 @@ def token_md(by_exp, plot_path: Path) -> str:
     return "\n".join(lines)
 
 
-def weight_md(by_exp, plot_path: Path) -> str:
+def weight_md(by_exp, plot_path: Path, profile: dict = PROFILES["layouts"]) -> str:
     runs = by_exp.get("layouts_weight_quality", [])
     lines = _header("Weight pruning on the embedded layouts model",
-                    [COMMANDS["layouts_dense"], COMMANDS["layouts_weight_quality"]],
-                    runs or [{"run": {"num_items": 0}}])
+                    _commands(profile, "layouts_dense", "layouts_weight_quality"),
+                    runs or [{"run": {"num_items": 0}}], profile)
     lines += _dense_line(_dense(by_exp))
     if runs:
-        for key, what in QUALITY + (("method/sparsity", "measured sparsity of the targeted layers"),):
+        for key, what in _quality(runs) + (("method/sparsity", "measured sparsity of the targeted layers"),):
             lines += [render_sweep(runs, "method", "sparsity", key, what), ""]
     else:
         lines += ["not run", ""]
@@ -257,12 +297,21 @@ def weight_plot(by_exp, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    args = report_args(__doc__, RUNS, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = "layouts"
+    if "--model" in argv:  # the profile picks the defaults of report_args' folders
+        i = argv.index("--model")
+        name = argv[i + 1] if i + 1 < len(argv) else ""
+        del argv[i:i + 2]
+        if name not in PROFILES:
+            raise SystemExit(f"--model: unknown profile {name!r} (one of {', '.join(PROFILES)})")
+    prof = PROFILES[name]
+    args = report_args(__doc__, prof["runs"], argv)
     if args.collect:
-        collect(Path(args.outputs))
-    write_reports(Path(args.out), load(Path(args.source), runs=RUNS),
-                  (("layouts_token_quality", token_md, token_plot),
-                   ("layouts_weight_quality", weight_md, weight_plot)))
+        collect(Path(args.outputs), prof["runs"])
+    write_reports(Path(args.out), load(Path(args.source), runs=prof["runs"]),
+                  ((f"{prof['prefix']}_token_quality", partial(token_md, profile=prof), token_plot),
+                   (f"{prof['prefix']}_weight_quality", partial(weight_md, profile=prof), weight_plot)))
 
 
 if __name__ == "__main__":

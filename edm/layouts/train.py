@@ -41,6 +41,20 @@ from edm.methods.weight.finetune import training_target
 log = logging.getLogger(__name__)
 
 
+def _probability(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return v
+
+
+def _positive(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
@@ -65,10 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--background", default="empty", choices=["empty", "texture"],
                    help="texture: smooth random backgrounds (experiment: do differing background "
                         "tokens make self-attention less uniform?)")
-    p.add_argument("--copies", type=float, default=0.0,
+    p.add_argument("--copies", type=_probability, default=0.0,
                    help="experiment: > 0 draws same-class digits of a scene as one image (copies)\n"
                         "and makes a scene's digits all one class with this probability")
-    p.add_argument("--qk-init-scale", type=float, default=1.0,
+    p.add_argument("--qk-init-scale", type=_positive, default=1.0,
                    help="experiment: multiply the self-attention query and key weights by this at\n"
                         "init (logits x scale^2: do peaked maps from the start survive training?)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,7 +112,9 @@ def batch(bs: int, g: torch.Generator, p_uncond: float, max_objects: int = 4,
 def scale_self_attention_qk(unet: torch.nn.Module, scale: float) -> int:
     """Multiply every self-attention's (``attn1``) query and key weights by ``scale``, so its
     logits grow by ``scale**2``; returns how many layers were changed."""
-    layers = [m for n, m in unet.named_modules() if n.endswith("attn1")]
+    from edm.families import UNetAdapter  # the one place that names a UNet's attention layers
+
+    layers = [layer.attn1 for blk in UNetAdapter().attention_blocks(unet) for _, layer in blk.layers]
     for m in layers:
         m.to_q.weight.mul_(scale)
         m.to_k.weight.mul_(scale)
