@@ -97,6 +97,38 @@ def test_qk_init_scale_multiplies_only_self_attention_logits():
     assert torch.equal(attn.attn2.to_q.weight, cross)  # cross-attention untouched
 
 
+def test_fine_tuning_data_follows_the_checkpoints_recipe(tmp_path):
+    """Diff-Pruning's data (``LayoutsLoader.train_data``) is drawn as the checkpoint was trained:
+    copies for a copies checkpoint; no recorded ``copies`` = the independent digits as before."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from edm.eval.layouts import copy_error, same_digit_pairs
+    from edm.layouts import LayoutsLoader
+
+    qk3 = Path(__file__).resolve().parents[1] / "experiments/checkpoints/layouts_qk3"
+    plain = tmp_path / "plain"
+    shutil.copytree(qk3, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    del cfg["train"]["copies"]  # a recipe from before the copies knob
+    (plain / "config.json").write_text(json.dumps(cfg))
+
+    def draw(ckpt):
+        g = torch.Generator().manual_seed(0)  # what train_data draws, written out
+        lay = data.random_layouts(64, g)
+        return lay, g, LayoutsLoader(str(ckpt)).train_data(scenes=64)
+
+    lay, g, (x, prompts) = draw(plain)
+    assert torch.equal(x, data.render(lay, g, "train"))
+    assert prompts == [data.layout_prompt(r.tolist()) for r in lay]
+    lay, g, (xc, prompts_c) = draw(qk3)
+    rep = data.repeat_digits(lay, g, 0.5)
+    assert prompts_c == [data.layout_prompt(r.tolist()) for r in rep] != prompts
+    pairs = same_digit_pairs(rep)
+    assert len(pairs) > 20 and copy_error(xc, pairs) == 0.0  # every same-class pair an exact copy
+
+
 @pytest.mark.parametrize("bad", [["--copies", "1.5"], ["--copies", "-0.1"], ["--qk-init-scale", "0"]])
 def test_train_cli_rejects_out_of_range_copies_and_qk_scale(bad, capsys):
     from edm.layouts.train import parse_args
