@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--prune-ratio", type=float, default=0.5)
     ap.add_argument("--random-draws", type=int, default=8)
-    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: shipped digits)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped model of --model)")
     ap.add_argument("--model", default="digits", choices=["digits", "layouts"], help="prompt set")
     ap.add_argument("--guidance", type=float, default=1.5, help="CFG scale of the sampled trajectories")
     ap.add_argument("--threads", type=int, default=1)
@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     from edm.digits import DigitsLoader
     from edm.eval.attention_stats import row_entropy, self_attention_map
     from edm.families import adapter
+    from edm.layouts import LayoutsLoader
     from edm.methods.token.atedm_kernel import (
         assign_by_attention,
         assign_by_cosine,
@@ -77,7 +78,8 @@ def main(argv=None) -> None:
         refill,
     )
 
-    pipe = DigitsLoader(args.checkpoint).load()
+    loader = LayoutsLoader if args.model == "layouts" else DigitsLoader  # None: that model's shipped weights
+    pipe = loader(args.checkpoint).load()
     unet = pipe.unet
     if args.model == "layouts":
         from edm.data.layouts import LayoutPrompts

@@ -14,9 +14,9 @@ Reads the runs of the ``layouts_*`` experiments from Hydra's output folders (aft
     python experiments/layouts_tables.py --collect    # copy metrics from outputs/ into the repo, render
     python experiments/layouts_tables.py              # render from the committed copies
 
-``--model qk3`` does the same for the checkpoint whose self-attention matters
-(``experiments/checkpoints/layouts_qk3``, issue 14): runs in ``experiments/results/layouts_qk3_runs/``,
-reports ``layouts_qk3_*.md/.png``, commands with its overrides; collect its runs from their own
+``--model flat`` does the same for the model shipped before, whose self-attention is unused
+(``experiments/checkpoints/layouts_flat``): runs in ``experiments/results/layouts_flat_runs/``,
+reports ``layouts_flat_*.md/.png``, commands with its overrides; collect its runs from their own
 output folder (``--outputs``), as every layouts run found there is copied.
 
 Hand-written text after the ``<!-- discussion -->`` line of an existing .md is kept on re-render.
@@ -40,14 +40,18 @@ RUNS = RESULTS / "layouts_runs"
 # and the sentence that says what the model is
 PROFILES = {
     "layouts": {"runs": RUNS, "prefix": "layouts", "extra": "",
-                "about": ("the shipped weights, `edm/layouts/weights`; its self-attention is nearly uniform and "
-                          "unused, see `layouts_premeasure.md`")},
-    "qk3": {"runs": RESULTS / "layouts_qk3_runs", "prefix": "layouts_qk3",
-            "extra": "model.loader.checkpoint=experiments/checkpoints/layouts_qk3 data.repeat=0.5",
-            "about": ("the checkpoint whose self-attention matters, `experiments/checkpoints/layouts_qk3`: "
-                      "`python -m edm.layouts.train --copies 0.5 --qk-init-scale 3`; prompts with `data.repeat=0.5`"
-                      " (half the scenes' digits one class, drawn as copies); `eval/copy_err` is 0 for exact "
-                      "copies, `eval/copy_err_independent` the same error between independently drawn digits")},
+                "about": ("the shipped weights, `edm/layouts/weights` (`python -m edm.layouts.train`: copies in "
+                          "half the scenes, self-attention query/key x3 at init; its self-attention matters, "
+                          "`layouts_premeasure.md`); prompts `data.repeat=0.5` (half the scenes' digits one "
+                          "class); `eval/copy_err` is 0 for exact copies, 0.072 between independently drawn "
+                          "digits. Runs made before it was shipped, with `model.loader.checkpoint="
+                          "experiments/checkpoints/layouts_qk3 data.repeat=0.5` (the same bytes and settings)")},
+    "flat": {"runs": RESULTS / "layouts_flat_runs", "prefix": "layouts_flat",
+             "extra": "model.loader.checkpoint=experiments/checkpoints/layouts_flat data.repeat=0",
+             "about": ("the weights shipped from b280e53 to 83bc8a9, now `experiments/checkpoints/layouts_flat` "
+                       "(`python -m edm.layouts.train --copies 0 --qk-init-scale 1`): its self-attention is "
+                       "nearly uniform and unused, see `layouts_premeasure.md`; runs made when they were the "
+                       "default, `data.repeat` 0")},
 }
 TOKEN = ("layouts_token_quality", "layouts_token_tome")
 WEIGHT = ("layouts_weight_quality",)

@@ -101,18 +101,14 @@ def test_fine_tuning_data_follows_the_checkpoints_recipe(tmp_path):
     """Diff-Pruning's data (``LayoutsLoader.train_data``) is drawn as the checkpoint was trained:
     copies for a copies checkpoint; no recorded ``copies`` = the independent digits as before."""
     import json
-    import shutil
     from pathlib import Path
 
     from edm.eval.layouts import copy_error, same_digit_pairs
     from edm.layouts import LayoutsLoader
 
-    qk3 = Path(__file__).resolve().parents[1] / "experiments/checkpoints/layouts_qk3"
-    plain = tmp_path / "plain"
-    shutil.copytree(qk3, plain)
-    cfg = json.loads((plain / "config.json").read_text())
-    del cfg["train"]["copies"]  # a recipe from before the copies knob
-    (plain / "config.json").write_text(json.dumps(cfg))
+    qk3 = LayoutsLoader().check()  # the shipped checkpoint, trained with --copies 0.5
+    plain = Path(__file__).resolve().parents[1] / "experiments/checkpoints/layouts_flat"
+    assert "copies" not in json.loads((plain / "config.json").read_text())["train"]  # from before the knob
 
     def draw(ckpt):
         g = torch.Generator().manual_seed(0)  # what train_data draws, written out
@@ -138,21 +134,21 @@ def test_train_cli_rejects_out_of_range_copies_and_qk_scale(bad, capsys):
     assert bad[0] in capsys.readouterr().err
 
 
-def test_committed_qk3_checkpoint_has_peaked_self_attention_and_the_shipped_one_does_not():
-    """The experiment checkpoint is committed for its sharper maps (layouts_premeasure.md):
-    the first 32x32 self-attention's row entropy on a real noisy scene, vs the shipped model."""
+def test_shipped_checkpoint_has_peaked_self_attention_and_the_flat_one_does_not():
+    """The shipped model was trained for sharper maps (layouts_premeasure.md): the first 32x32
+    self-attention's row entropy on a real noisy scene, vs the model shipped before it."""
     from pathlib import Path
 
-    from edm.digits import DigitsLoader
     from edm.eval.attention_stats import row_entropy, self_attention_map
+    from edm.layouts import LayoutsLoader
 
     root = Path(__file__).resolve().parents[1]
     lay = data.random_layouts(2, torch.Generator().manual_seed(0))
     x0 = data.render(lay, torch.Generator().manual_seed(1)) * 2 - 1
     prompts = [data.layout_prompt(row.tolist()) for row in lay]
     entropy = {}
-    for name, ckpt in (("qk3", root / "experiments/checkpoints/layouts_qk3"), ("shipped", None)):
-        pipe = DigitsLoader(str(ckpt) if ckpt else None).load()
+    for name, ckpt in (("shipped", None), ("flat", root / "experiments/checkpoints/layouts_flat")):
+        pipe = LayoutsLoader(str(ckpt) if ckpt else None).load()
         attn = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
         seen = {}
 
@@ -167,4 +163,4 @@ def test_committed_qk3_checkpoint_has_peaked_self_attention_and_the_shipped_one_
             pipe.unet(xt, t, encoder_hidden_states=pipe.text_encoder(ids.input_ids)[0])
             hook.remove()
             entropy[name] = float(row_entropy(self_attention_map(attn, seen["h"])).mean())
-    assert entropy["qk3"] < 0.92 and entropy["shipped"] > 0.95, entropy  # measured 0.845 / 0.973
+    assert entropy["shipped"] < 0.92 and entropy["flat"] > 0.95, entropy  # measured 0.845 / 0.973

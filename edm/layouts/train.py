@@ -19,6 +19,17 @@ with the text encoder trained jointly (its EMA is saved too), and three changes,
 * logit-normal timesteps (SD3's sampling): more of the mid-noise steps where a digit's
   identity is decided -- the model learnt *where* the prompt's digits go within 250 steps but
   not *which* digits (a wrong digit word left the loss unchanged after 1000 steps).
+
+and two more so that its self-attention matters (the point of the model: token pruning is
+judged by what attention ranks; without them row entropy was 0.955-0.997 of the maximum and
+uniform maps left the images unchanged -- that model is ``experiments/checkpoints/layouts_flat``,
+``--copies 0 --qk-init-scale 1``):
+
+* copies (``--copies 0.5``): the same-class digits of a scene are one image, and half the scenes
+  have all digits of one class, so one copy's strokes are predictable from another's 16 px away;
+* query/key weights of every self-attention x3 at init (``--qk-init-scale 3``, logits x9): the
+  maps start peaked and stay so (row entropy 0.69-0.91), and uniform maps at the 32x32 layers
+  then raise the cell FID from 0.44 to 1.50. Data alone (copies with scale 1) stayed flat.
 """
 
 from __future__ import annotations
@@ -79,12 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--background", default="empty", choices=["empty", "texture"],
                    help="texture: smooth random backgrounds (experiment: do differing background "
                         "tokens make self-attention less uniform?)")
-    p.add_argument("--copies", type=_probability, default=0.0,
-                   help="experiment: > 0 draws same-class digits of a scene as one image (copies)\n"
-                        "and makes a scene's digits all one class with this probability")
-    p.add_argument("--qk-init-scale", type=_positive, default=1.0,
-                   help="experiment: multiply the self-attention query and key weights by this at\n"
-                        "init (logits x scale^2: do peaked maps from the start survive training?)")
+    p.add_argument("--copies", type=_probability, default=0.5,
+                   help="> 0 draws same-class digits of a scene as one image (copies) and makes a\n"
+                        "scene's digits all one class with this probability (0 = the model shipped\n"
+                        "before, experiments/checkpoints/layouts_flat, with --qk-init-scale 1)")
+    p.add_argument("--qk-init-scale", type=_positive, default=3.0,
+                   help="multiply the self-attention query and key weights by this at init\n"
+                        "(logits x scale^2); with 1 the maps stay nearly uniform and unused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="part of the recipe: results depend on it")
     p.add_argument("--log-every", type=int, default=100)
